@@ -21,7 +21,7 @@ import os
 import sys
 from types import ModuleType
 
-from alignkit.errors import InputError
+from alignkit.errors import InputError, TrainingDiverged
 
 COMMANDS: dict[str, str] = {
     "sft": "alignkit.recipes.sft",
@@ -92,12 +92,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         kwargs = {"help": help_text, "description": help_text}
         if module is not None and hasattr(module, "Config"):
             p = sub.add_parser(
-                name, epilog=_recipe_epilog(module.Config), formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+                name,
+                epilog=_recipe_epilog(module.Config),
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                **kwargs,
             )
             p.add_argument("--config", metavar="FILE.yaml", help="YAML file of key: value settings")
-            p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
-            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
-            p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that win over the YAML")
+            p.add_argument(
+                "--overwrite", action="store_true", help="replace an existing output_dir"
+            )
+            p.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue from the last checkpoint in output_dir",
+            )
+            p.add_argument(
+                "overrides", nargs="*", metavar="key=value", help="settings that win over the YAML"
+            )
         else:
             p = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
             if module is not None:
@@ -115,14 +126,16 @@ def run(argv: list[str]) -> int:
         return 2
     module = args.module
     if module is None:
-        raise InputError(f"command '{args.command}' is not available in this build", path="command line")
+        raise InputError(
+            f"command '{args.command}' is not available in this build", path="command line"
+        )
     if hasattr(module, "Config"):
         from alignkit.config import load_config
 
         recipe = args.command.replace("-", "_")
         config = load_config(module.Config, recipe, args.config, args.overrides)
-        result = module.run(config, overwrite=args.overwrite, resume=args.resume)
-        return 0 if result is None else int(result)
+        module.run(config, overwrite=args.overwrite, resume=args.resume)
+        return 0
     return int(module.main(args) or 0)
 
 
@@ -133,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     except InputError as err:
         print(f"alignkit: {err}", file=sys.stderr)
         code = 2
+    except TrainingDiverged as err:
+        print(f"alignkit: {err}", file=sys.stderr)
+        code = 3
     except KeyboardInterrupt:
         print("alignkit: interrupted", file=sys.stderr)
         code = 130

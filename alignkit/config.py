@@ -28,7 +28,9 @@ def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     """A dataclass field with a one-line help text (shown by ``--help``)."""
     if default is not dataclasses.MISSING and isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": text})
+        return dataclasses.field(
+            default_factory=lambda: type(value)(value), metadata={"help": text}
+        )
     return dataclasses.field(default=default, metadata={"help": text}, **kwargs)
 
 
@@ -44,7 +46,9 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Convert ``value`` (a YAML scalar or a command-line string) to type ``tp``."""
     tp, optional = _strip_optional(tp)
-    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~"))):
+    if optional and (
+        value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~"))
+    ):
         return None
 
     def bad(expected: str) -> InputError:
@@ -96,6 +100,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return [_coerce(v, item_tp, key, source) for v in value]
     if origin is typing.Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML reads `false` as a bool; the choice is the word
+            value = str(value).lower()
         if value in choices:
             return value
         raise bad("one of " + ", ".join(map(str, choices)))
@@ -106,37 +112,27 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     return value
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _apply(obj: Any, key: str, value: Any, source: str) -> None:
+def _apply(obj: Any, key: str, value: Any, source: str, prefix: str = "") -> None:
     """Set dotted ``key`` on dataclass ``obj`` (recursing into nested dataclasses)."""
     head, _, rest = key.partition(".")
     names = {f.name for f in dataclasses.fields(obj)}
-    full_key = key
+    full_key = prefix + head
     if head not in names:
-        raise InputError(f"unknown key (known: {', '.join(sorted(names))})", path=source, field=full_key)
+        known = ", ".join(sorted(names))
+        raise InputError(f"unknown key (known: {known})", path=source, field=prefix + key)
     current = getattr(obj, head)
     if rest:
         if not dataclasses.is_dataclass(current):
-            raise InputError("is not a section", path=source, field=head)
-        _apply(current, rest, value, source)
+            raise InputError("is not a section", path=source, field=full_key)
+        _apply(current, rest, value, source, full_key + ".")
         return
     if dataclasses.is_dataclass(current):
         if not isinstance(value, dict):
-            raise InputError("expects a mapping", path=source, field=head)
+            raise InputError("expects a mapping", path=source, field=full_key)
         for sub_key, sub_value in value.items():
-            _apply(current, str(sub_key), sub_value, source)
+            _apply(current, str(sub_key), sub_value, source, full_key + ".")
         return
-    setattr(obj, head, _coerce(value, _field_types(type(obj))[head], head, source))
-
-
-def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        out[f"{prefix}{key}"] = value
-    return out
+    setattr(obj, head, _coerce(value, typing.get_type_hints(type(obj))[head], full_key, source))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -149,7 +145,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
-        raise InputError(f"invalid YAML ({getattr(err, 'problem', err)})", path=str(path), line=line) from None
+        raise InputError(
+            f"invalid YAML ({getattr(err, 'problem', err)})", path=str(path), line=line
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -167,10 +165,10 @@ def load_config(
     config = cls()
     if recipe is not None and (PACKAGED_CONFIGS / f"{recipe}.yaml").is_file():
         packaged = PACKAGED_CONFIGS / f"{recipe}.yaml"
-        for key, value in _flatten(read_yaml(packaged)).items():
+        for key, value in read_yaml(packaged).items():
             _apply(config, key, value, str(packaged))
     if config_file is not None:
-        for key, value in _flatten(read_yaml(config_file)).items():
+        for key, value in read_yaml(config_file).items():
             _apply(config, key, value, str(config_file))
     for item in overrides or []:
         key, sep, value = item.partition("=")

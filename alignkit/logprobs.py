@@ -48,7 +48,10 @@ def token_logps(
         # Left padding: positions count real tokens only.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
     ).last_hidden_state  # (B, T, H)
     scored = target_mask.bool().clone()
     scored[:, 0] = False

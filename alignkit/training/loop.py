@@ -1,0 +1,150 @@
+"""The optimisation loop shared by the offline recipes (SFT, reward model, DPO family).
+
+It is a function, not a framework: the recipe passes the model, a way to build a
+batch from example indices and a loss function; the loop does accumulation,
+autocast, the guarded optimizer step, logging, evaluation and checkpoints.
+Online recipes (PPO, RLOO, ...) write their own loop from the same pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignkit.data.batching import length_grouped_batches
+from alignkit.models import autocast
+from alignkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.training.metrics import MetricsLogger
+from alignkit.training.optim import check_finite, optimizer_step
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+class BatchPlan:
+    """Micro-batch ``i`` of the run, deterministic from (lengths, batch size, seed).
+
+    Epochs follow each other; each epoch is a fresh length-grouped shuffle. The
+    plan needs only the micro-batch counter to resume exactly where a run stopped.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self._epoch = -1
+        self._batches: list[list[int]] = []
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def indices(self, micro_batch: int) -> list[int]:
+        epoch, position = divmod(micro_batch, len(self))
+        if epoch != self._epoch:
+            self._batches = length_grouped_batches(self.lengths, self.batch_size, self.seed, epoch)
+            self._epoch = epoch
+        return self._batches[position]
+
+
+@dataclass
+class LoopResult:
+    step: int
+    last_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+
+
+def _mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for part in parts for k in part}
+    return {k: sum(p[k] for p in parts if k in p) / sum(1 for p in parts if k in p) for k in keys}
+
+
+def train_loop(
+    *,
+    model: torch.nn.Module,
+    plan: BatchPlan,
+    make_batch: Callable[[list[int]], Batch],
+    compute_loss: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    output_dir: Path,
+    max_steps: int,
+    grad_accum: int,
+    max_grad_norm: float,
+    bf16: bool,
+    save_steps: int = 0,
+    keep_last: int = 2,
+    log_steps: int = 1,
+    eval_steps: int = 0,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    resume: bool = False,
+    desc: str = "",
+) -> LoopResult:
+    """Run ``max_steps`` optimizer steps of ``grad_accum`` micro-batches each."""
+    start_step, last_checkpoint = 0, None
+    if resume:
+        found = latest_checkpoint(output_dir)
+        if found is not None:
+            start_step, _ = load_checkpoint(found, model, optimizer, scheduler)
+            last_checkpoint = str(found)
+    logger = MetricsLogger(output_dir, max_steps, start_step, desc=desc)
+    model.train()
+    metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    try:
+        for step in range(start_step + 1, max_steps + 1):
+            parts = []
+            for micro in range(grad_accum):
+                batch = make_batch(plan.indices((step - 1) * grad_accum + micro))
+                with autocast(enabled=bf16):
+                    loss, part = compute_loss(model, batch)
+                loss_value = float(loss.detach())
+                check_finite(loss_value, "loss", step, last_checkpoint)
+                (loss / grad_accum).backward()
+                parts.append({"loss": loss_value, **{k: float(v) for k, v in part.items()}})
+            grad_norm = optimizer_step(
+                model, optimizer, scheduler, max_grad_norm, step, last_checkpoint
+            )
+            metrics = {
+                **_mean_metrics(parts),
+                "grad_norm": grad_norm,
+                "lr": scheduler.get_last_lr()[0],
+            }
+            is_last = step == max_steps
+            if evaluate is not None and (is_last or (eval_steps > 0 and step % eval_steps == 0)):
+                eval_metrics = evaluate()
+                metrics.update(eval_metrics)
+                model.train()
+            if step % log_steps == 0 or is_last:
+                logger.log(step, metrics)
+            logger.advance()
+            if save_steps > 0 and step % save_steps == 0 and not is_last:
+                last_checkpoint = str(
+                    save_checkpoint(
+                        output_dir, step, model, optimizer, scheduler, keep_last=keep_last
+                    )
+                )
+    finally:
+        logger.close()
+    return LoopResult(step=max_steps, last_metrics=metrics, eval_metrics=eval_metrics)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: torch.nn.Module,
+    batches: list[list[int]],
+    make_batch: Callable[[list[int]], Batch],
+    compute_loss: LossFn,
+    bf16: bool,
+) -> dict[str, float]:
+    """Mean of ``compute_loss`` metrics over held-out batches, keys prefixed ``eval/``."""
+    model.eval()
+    parts = []
+    for indices in batches:
+        with autocast(enabled=bf16):
+            loss, part = compute_loss(model, make_batch(indices))
+        parts.append({"loss": float(loss), **{k: float(v) for k, v in part.items()}})
+    return {f"eval/{k}": v for k, v in _mean_metrics(parts).items()}

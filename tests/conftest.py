@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, small data files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    from alignkit.models import tiny_model_dir
+
+    return str(tiny_model_dir())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from alignkit.models import load_tokenizer
+
+    return load_tokenizer(tiny_model)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def separable_prefs(tmp_path) -> Path:
+    """Preference pairs a model can separate: the chosen reply always says 'yes', the rejected 'no'."""
+    rows = []
+    topics = ["cats", "rain", "music", "tea", "boats", "maps", "bread", "snow"]
+    for i in range(32):
+        topic = topics[i % len(topics)]
+        rows.append(
+            {
+                "prompt": f"Question {i}: do you like {topic}?",
+                "chosen": f"yes yes yes, {topic}",
+                "rejected": f"no no no, {topic}",
+            }
+        )
+    return write_jsonl(tmp_path / "prefs.jsonl", rows)
+
+
+@pytest.fixture
+def sft_data(tmp_path) -> Path:
+    rows = [
+        {"prompt": f"Count to {n}.", "completion": " ".join(str(i) for i in range(1, n + 1))}
+        for n in range(2, 18)
+    ]
+    return write_jsonl(tmp_path / "sft.jsonl", rows)
