@@ -243,3 +243,36 @@ def test_dpo_with_lora_uses_the_base_as_reference(tiny_model, separable_prefs, t
     merged = AutoModelForCausalLM.from_pretrained(out)  # a plain model with LoRA merged in
     assert _moved(_weights(Path(tiny_model)), merged.state_dict()) > 1e-6
     assert torch.isfinite(torch.tensor(summary["loss"]))
+
+
+def test_reward_model_on_real_hh_rows_skips_the_invalid_ones(tiny_model, tmp_path, capsys):
+    """The HH split has 4 rows whose chosen reply is empty: invalid_rows=skip counts them."""
+    import gzip
+
+    from .conftest import SHARED_DATA
+
+    lines = gzip.open(SHARED_DATA / "hh-rlhf-harmless-base.jsonl.gz", "rt").read().splitlines()
+    subset = tmp_path / "hh.jsonl"
+    subset.write_text("\n".join(lines[500:540]) + "\n")  # holds file line 523 (an empty reply)
+    args = [
+        f"model={tiny_model}",
+        f"data={subset}",
+        "max_steps=2",
+        "batch_size=4",
+        "max_length=128",
+    ]
+    with pytest.raises(Exception) as err:
+        reward.run(
+            load_config(reward.Config, "reward", None, [*args, f"output_dir={tmp_path / 'a'}"])
+        )
+    assert "hh.jsonl:23: field 'chosen' has an empty last 'Assistant:' reply" in str(err.value)
+    summary = reward.run(
+        load_config(
+            reward.Config,
+            "reward",
+            None,
+            [*args, f"output_dir={tmp_path / 'b'}", "invalid_rows=skip", "eval_fraction=0"],
+        )
+    )
+    assert summary["train_rows"] == 39
+    assert "skipped 1 invalid rows" in capsys.readouterr().err

@@ -91,10 +91,9 @@ def _render_chat(
             "has no chat template, which conversational data needs; use string prompts or another tokenizer",
             path=getattr(tokenizer, "name_or_path", None) or "tokenizer",
         )
-    rendered = tokenizer.apply_chat_template(
+    return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    return rendered
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool) -> list[int]:

@@ -43,6 +43,7 @@ class Judgment:
     guideline_version: int = 1
     source: Source = "human"
     created_at: float = 0.0  # unix time
+    probability: float | None = None  # AI judge: P(the recorded order is right); None otherwise
 
     def preferred_pairs(self) -> list[tuple[int, int, int]]:
         """(winner, loser, rank_gap) for every strictly ordered pair of completions."""

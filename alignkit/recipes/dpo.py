@@ -20,7 +20,7 @@ from alignkit.data import (
 from alignkit.logprobs import token_logps
 from alignkit.losses.preference import PAIRWISE_LOSS_SPECS, PAIRWISE_LOSSES, kto_loss
 from alignkit.models import is_lora, load_policy, load_tokenizer, reference_mode
-from alignkit.recipes.offline import console, fit, report_lengths, train_eval_indices
+from alignkit.recipes.offline import console, fit, load_rows
 from alignkit.reference import cached_reference_logps, score_sequences
 from alignkit.training.common import TrainConfig, check_output_dir, set_threads
 
@@ -106,26 +106,6 @@ def make_kto_loss(reference_scorer, hyper: dict[str, float]):
     return loss
 
 
-def _load_rows(config: Config, tokenizer) -> tuple[list, list[int], list[int]]:
-    load = load_unpaired if config.loss == "kto" else load_preferences
-    tokenize = tokenize_unpaired if config.loss == "kto" else tokenize_pairs
-    parts = [load(config.data)] + ([load(config.eval_data)] if config.eval_data else [])
-    tokenized = []
-    for examples in parts:
-        rows, report = tokenize(
-            examples, tokenizer, config.max_length, config.max_prompt_length, config.overlong
-        )
-        report_lengths(report, config.max_length, examples[0].source if examples else "data")
-        tokenized.append(rows)
-    train_ids, eval_ids = train_eval_indices(
-        len(tokenized[0]),
-        len(tokenized[1]) if config.eval_data else 0,
-        config.eval_fraction,
-        config.seed,
-    )
-    return [r for part in tokenized for r in part], train_ids, eval_ids
-
-
 def _reference_scorer(config: Config, model: torch.nn.Module):
     """A function (no grad) scoring a batch under the reference, and a way to free it."""
     if config.reference or not is_lora(model):
@@ -145,7 +125,13 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     set_threads()
     # 0. validate every input before any compute or any file is touched
     tokenizer = load_tokenizer(config.model)
-    rows, train_ids, eval_ids = _load_rows(config, tokenizer)
+    unpaired = config.loss == "kto"
+    rows, train_ids, eval_ids = load_rows(
+        config,
+        tokenizer,
+        load_unpaired if unpaired else load_preferences,
+        tokenize_unpaired if unpaired else tokenize_pairs,
+    )
     model = load_policy(config.model, config.lora)
     hyper = {
         "beta": config.beta,

@@ -15,7 +15,7 @@ from alignkit.config import save_config
 from alignkit.models import save_model
 from alignkit.training.common import TrainConfig
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def split_holdout(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -25,6 +25,17 @@ def split_holdout(count: int, fraction: float, seed: int) -> tuple[list[int], li
     if fraction > 0 and held == 0 and count > 1:
         held = 1
     return sorted(order[held:]), sorted(order[:held])
+
+
+def load_examples(loader: Any, source: str, invalid_rows: str, **kwargs: Any) -> list:
+    """Load with ``loader``; with ``invalid_rows=skip`` bad rows are counted and reported."""
+    if invalid_rows != "skip":
+        return loader(source, **kwargs)
+    skipped: list = []
+    examples = loader(source, skipped=skipped, **kwargs)
+    if skipped:
+        console.print(f"{source}: skipped {len(skipped)} invalid rows (first: {skipped[0]})")
+    return examples
 
 
 def report_lengths(report: Any, max_length: int, what: str) -> None:
@@ -53,6 +64,30 @@ def save_run(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
     )
     console.print(f"saved {output_dir} ({shown})")
+
+
+def load_rows(
+    config: TrainConfig, tokenizer: Any, loader: Any, tokenize: Any, **load_kwargs: Any
+) -> tuple[list, list[int], list[int]]:
+    """Load, validate and tokenize ``data`` (and ``eval_data``): (rows, train ids, eval ids)."""
+    sources = [config.data] + ([config.eval_data] if config.eval_data else [])
+    tokenized = []
+    for source in sources:
+        examples = load_examples(loader, source, config.invalid_rows, **load_kwargs)
+        rows, report = tokenize(
+            examples,
+            tokenizer,
+            config.max_length,
+            config.max_prompt_length or None,
+            config.overlong,
+        )
+        report_lengths(report, config.max_length, source)
+        tokenized.append(rows)
+    eval_count = len(tokenized[1]) if config.eval_data else 0
+    train_ids, eval_ids = train_eval_indices(
+        len(tokenized[0]), eval_count, config.eval_fraction, config.seed
+    )
+    return [row for part in tokenized for row in part], train_ids, eval_ids
 
 
 def train_eval_indices(

@@ -12,7 +12,7 @@ from alignkit.config import check, doc
 from alignkit.data import collate_pairs, load_preferences, tokenize_pairs
 from alignkit.losses.preference import bradley_terry_loss
 from alignkit.models import load_reward_backbone, load_tokenizer
-from alignkit.recipes.offline import fit, report_lengths, train_eval_indices
+from alignkit.recipes.offline import fit, load_rows
 from alignkit.training.common import TrainConfig, set_threads
 
 
@@ -60,23 +60,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     set_threads()
     # 0. validate every input before any compute or any file is touched
     tokenizer = load_tokenizer(config.model)
-    parts = [load_preferences(config.data)]
-    if config.eval_data:
-        parts.append(load_preferences(config.eval_data))
-    tokenized = []
-    for examples in parts:
-        rows, report = tokenize_pairs(
-            examples, tokenizer, config.max_length, config.max_prompt_length, config.overlong
-        )
-        report_lengths(report, config.max_length, examples[0].source if examples else "data")
-        tokenized.append(rows)
-    rows = [row for part in tokenized for row in part]
-    train_ids, eval_ids = train_eval_indices(
-        len(tokenized[0]),
-        len(tokenized[1]) if config.eval_data else 0,
-        config.eval_fraction,
-        config.seed,
-    )
+    rows, train_ids, eval_ids = load_rows(config, tokenizer, load_preferences, tokenize_pairs)
     # 1. model: backbone + fresh linear head to one score
     model = load_reward_backbone(config.model, config.lora)
 

@@ -12,7 +12,7 @@ from alignkit.config import doc
 from alignkit.data import collate_sft, load_sft, tokenize_sft
 from alignkit.logprobs import token_logps
 from alignkit.models import load_policy, load_tokenizer
-from alignkit.recipes.offline import fit, report_lengths, train_eval_indices
+from alignkit.recipes.offline import fit, load_rows
 from alignkit.training.common import TrainConfig, set_threads
 
 
@@ -41,21 +41,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     # 0. every input is validated before any compute or any file is touched
     tokenizer = load_tokenizer(config.model)
     fmt = None if config.data_format == "auto" else config.data_format
-    sources = [load_sft(config.data, format=fmt)]
-    if config.eval_data:
-        sources.append(load_sft(config.eval_data, format=fmt))
-    tokenized = []
-    for examples in sources:
-        rows, report = tokenize_sft(
-            examples, tokenizer, config.max_length, config.max_prompt_length, config.overlong
-        )
-        report_lengths(report, config.max_length, examples[0].source if examples else "data")
-        tokenized.append(rows)
-    rows = [row for part in tokenized for row in part]
-    eval_count = len(tokenized[1]) if config.eval_data else 0
-    train_ids, eval_ids = train_eval_indices(
-        len(tokenized[0]), eval_count, config.eval_fraction, config.seed
-    )
+    rows, train_ids, eval_ids = load_rows(config, tokenizer, load_sft, tokenize_sft, format=fmt)
     model = load_policy(config.model, config.lora)
 
     def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:

@@ -29,8 +29,11 @@ class TrainConfig:
     batch_size: int = doc("examples (or pairs) per micro-batch", 8)
     grad_accum: int = doc("micro-batches per optimizer step", 1)
     max_length: int = doc("prompt + completion tokens per row", 512)
-    max_prompt_length: int = doc("prompt tokens kept when a row is truncated", 256)
+    max_prompt_length: int = doc("prompt tokens kept when a row is truncated; 0 = max_length/2", 0)
     overlong: Literal["truncate", "drop"] = doc("what to do with rows over max_length", "truncate")
+    invalid_rows: Literal["error", "skip"] = doc(
+        "a malformed row stops the run (error) or is counted and left out (skip)", "error"
+    )
     lr: float = doc("peak learning rate (AdamW)", 1e-5)
     warmup_steps: int = doc("linear warm-up steps", 0)
     lr_schedule: Literal["linear", "cosine", "constant"] = doc("decay after warm-up", "linear")
@@ -53,9 +56,9 @@ class TrainConfig:
         check(self.grad_accum > 0, "grad_accum", f"must be > 0, got {self.grad_accum}")
         check(self.max_length > 1, "max_length", f"must be > 1, got {self.max_length}")
         check(
-            0 < self.max_prompt_length < self.max_length,
+            0 <= self.max_prompt_length < self.max_length,
             "max_prompt_length",
-            f"must be in (0, max_length={self.max_length}), got {self.max_prompt_length}",
+            f"must be in [0, max_length={self.max_length}), got {self.max_prompt_length}",
         )
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
