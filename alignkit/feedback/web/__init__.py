@@ -1,0 +1,1 @@
+"""The labeling web app (FastAPI, server-rendered Jinja2 pages, a small JSON API)."""
