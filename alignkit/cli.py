@@ -120,6 +120,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
+    if command in COMMANDS and hasattr(_load(command), "Config"):
+        # Recipe flags may come anywhere among the key=value pairs.
+        flags = [a for a in argv if a in ("--overwrite", "--resume")]
+        argv = [a for a in argv if a not in flags]
+        position = argv.index(command) + 1
+        argv = argv[:position] + flags + argv[position:]
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

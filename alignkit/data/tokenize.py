@@ -187,9 +187,11 @@ def check_lengths(max_length: int, max_prompt_length: int | None, overlong: str)
             path="config",
             field="max_prompt_length",
         )
-    if overlong not in ("truncate", "drop"):
+    if overlong not in ("truncate", "drop", "error"):
         raise InputError(
-            f"must be 'truncate' or 'drop', got {overlong!r}", path="config", field="overlong"
+            f"must be 'truncate', 'drop' or 'error', got {overlong!r}",
+            path="config",
+            field="overlong",
         )
     return max_prompt_length
 
@@ -225,7 +227,15 @@ def _tokenize(
     tokenized, truncated, dropped = [], 0, 0
     for example in examples:
         prompt_ids, completion_ids = _encode(tokenizer, example.prompt, completions_of(example))
-        if len(prompt_ids) + max(len(ids) for ids in completion_ids) > max_length:
+        length = len(prompt_ids) + max(len(ids) for ids in completion_ids)
+        if length > max_length:
+            if overlong == "error":
+                raise InputError(
+                    f"row has {length} tokens, over max_length={max_length} "
+                    "(overlong=truncate or drop to accept it)",
+                    path=example.source,
+                    line=example.line,
+                )
             if overlong == "drop":
                 dropped += 1
                 continue

@@ -30,7 +30,9 @@ class TrainConfig:
     grad_accum: int = doc("micro-batches per optimizer step", 1)
     max_length: int = doc("prompt + completion tokens per row", 512)
     max_prompt_length: int = doc("prompt tokens kept when a row is truncated; 0 = max_length/2", 0)
-    overlong: Literal["truncate", "drop"] = doc("what to do with rows over max_length", "truncate")
+    overlong: Literal["truncate", "drop", "error"] = doc(
+        "rows over max_length: truncate, drop (both counted and reported), or error", "truncate"
+    )
     invalid_rows: Literal["error", "skip"] = doc(
         "a malformed row stops the run (error) or is counted and left out (skip)", "error"
     )
