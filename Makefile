@@ -27,8 +27,8 @@ demo-quick: install
 	$(BIN)/alignkit demo --quick
 
 lint: install
-	$(BIN)/ruff check alignkit tests benchmarks
-	$(BIN)/ruff format --check alignkit tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: install lint
 	bash scripts/install-system-deps.sh

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,7 +106,8 @@ def cached_reference_logps(
             return cached, True
     values = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    handle, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=path.parent)
+    os.close(handle)
     torch.save(values, tmp)
-    tmp.replace(path)
+    os.replace(tmp, path)  # atomic: concurrent writers (e.g. DDP ranks) never see half a file
     return values, False

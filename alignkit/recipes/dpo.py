@@ -22,7 +22,7 @@ from alignkit.losses.preference import PAIRWISE_LOSS_SPECS, PAIRWISE_LOSSES, kto
 from alignkit.models import is_lora, load_policy, load_tokenizer, reference_mode
 from alignkit.recipes.offline import console, fit, load_rows
 from alignkit.reference import cached_reference_logps, score_sequences
-from alignkit.training.common import TrainConfig, check_output_dir, set_threads
+from alignkit.training.common import TrainConfig, check_output_dir, start_run
 
 LossName = Literal["dpo", "cdpo", "rdpo", "ipo", "hinge", "simpo", "orpo", "rpo", "kto"]
 
@@ -122,7 +122,7 @@ def _reference_scorer(config: Config, model: torch.nn.Module):
 
 def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     started = time.time()
-    set_threads()
+    start_run(config.seed)
     # 0. validate every input before any compute or any file is touched
     tokenizer = load_tokenizer(config.model)
     unpaired = config.loss == "kto"

@@ -121,11 +121,17 @@ def fit(
 ) -> dict[str, Any]:
     """Optimise ``compute_loss`` over the train rows, evaluate on the held-out rows, save."""
     from alignkit.training.common import prepare_output_dir, seed_everything
+    from alignkit.training.distributed import main_first, setup
     from alignkit.training.loop import BatchPlan, evaluate_batches, train_loop
     from alignkit.training.optim import build_optimizer
 
+    job = setup(config.distributed, config.batch_size)
     if output_dir is None:
-        output_dir = prepare_output_dir(config.output_dir, overwrite, resume)
+        with main_first(job) as is_main:
+            output_dir = (
+                prepare_output_dir(config.output_dir, overwrite, resume) if is_main else None
+            )
+        output_dir = Path(config.output_dir)
     seed_everything(config.seed)
     optimizer, scheduler = build_optimizer(
         model,
@@ -164,6 +170,7 @@ def fit(
         evaluate=evaluate,
         resume=resume,
         desc=desc,
+        job=job,
     )
     summary = {
         "steps": result.step,
@@ -172,5 +179,7 @@ def fit(
         **(extra_summary or {}),
         **result.last_metrics,
     }
-    save_run(model, tokenizer, config, output_dir, summary, started)
+    if job.is_main:
+        save_run(model, tokenizer, config, output_dir, summary, started)
+    job.barrier()
     return summary

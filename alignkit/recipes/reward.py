@@ -13,7 +13,7 @@ from alignkit.data import collate_pairs, load_preferences, tokenize_pairs
 from alignkit.losses.preference import bradley_terry_loss
 from alignkit.models import load_reward_backbone, load_tokenizer
 from alignkit.recipes.offline import fit, load_rows
-from alignkit.training.common import TrainConfig, set_threads
+from alignkit.training.common import TrainConfig, start_run
 
 
 @dataclass
@@ -57,7 +57,7 @@ def make_reward_loss(use_margin: bool, center_coef: float):
 
 def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     started = time.time()
-    set_threads()
+    start_run(config.seed)
     # 0. validate every input before any compute or any file is touched
     tokenizer = load_tokenizer(config.model)
     rows, train_ids, eval_ids = load_rows(config, tokenizer, load_preferences, tokenize_pairs)

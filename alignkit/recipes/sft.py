@@ -13,7 +13,7 @@ from alignkit.data import collate_sft, load_sft, tokenize_sft
 from alignkit.logprobs import token_logps
 from alignkit.models import load_policy, load_tokenizer
 from alignkit.recipes.offline import fit, load_rows
-from alignkit.training.common import TrainConfig, set_threads
+from alignkit.training.common import TrainConfig, start_run
 
 
 @dataclass
@@ -37,7 +37,7 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
 def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     started = time.time()
-    set_threads()
+    start_run(config.seed)
     # 0. every input is validated before any compute or any file is touched
     tokenizer = load_tokenizer(config.model)
     fmt = None if config.data_format == "auto" else config.data_format

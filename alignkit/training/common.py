@@ -49,6 +49,9 @@ class TrainConfig:
     bf16: Literal["auto", "true", "false"] = doc(
         "bf16 autocast: auto = where the CPU/GPU has it", "auto"
     )
+    distributed: Literal["none", "ddp"] = doc(
+        "data parallelism under torchrun: ddp (gloo on CPU, NCCL on GPU)", "none"
+    )
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings"})
 
     def validate(self) -> None:
@@ -126,3 +129,9 @@ def set_threads() -> None:
     """Use every core for intra-op parallelism unless the user said otherwise."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)
+
+
+def start_run(seed: int) -> None:
+    """Threads and seeds, before anything random (a fresh reward head, LoRA weights) exists."""
+    set_threads()
+    seed_everything(seed)

@@ -8,6 +8,7 @@ Online recipes (PPO, RLOO, ...) write their own loop from the same pieces.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from alignkit.data.batching import length_grouped_batches
 from alignkit.models import autocast
 from alignkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.training.distributed import Distributed, LossModule
 from alignkit.training.metrics import MetricsLogger
 from alignkit.training.optim import check_finite, optimizer_step
 
@@ -82,15 +84,23 @@ def train_loop(
     evaluate: Callable[[], dict[str, float]] | None = None,
     resume: bool = False,
     desc: str = "",
+    job: Distributed | None = None,
 ) -> LoopResult:
-    """Run ``max_steps`` optimizer steps of ``grad_accum`` micro-batches each."""
+    """Run ``max_steps`` optimizer steps of ``grad_accum`` micro-batches each.
+
+    Under ``torchrun`` (``job`` with several ranks) every rank takes its slice of
+    each global micro-batch, DDP averages the gradients, and rank 0 alone writes
+    metrics and checkpoints.
+    """
+    job = job or Distributed()
     start_step, last_checkpoint = 0, None
     if resume:
         found = latest_checkpoint(output_dir)
         if found is not None:
             start_step, _ = load_checkpoint(found, model, optimizer, scheduler)
             last_checkpoint = str(found)
-    logger = MetricsLogger(output_dir, max_steps, start_step, desc=desc)
+    logger = MetricsLogger(output_dir, max_steps, start_step, desc=desc) if job.is_main else None
+    runner = job.wrap(LossModule(model, compute_loss))
     model.train()
     metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
@@ -98,37 +108,40 @@ def train_loop(
         for step in range(start_step + 1, max_steps + 1):
             parts = []
             for micro in range(grad_accum):
-                batch = make_batch(plan.indices((step - 1) * grad_accum + micro))
-                with autocast(enabled=bf16):
-                    loss, part = compute_loss(model, batch)
-                loss_value = float(loss.detach())
-                check_finite(loss_value, "loss", step, last_checkpoint)
-                (loss / grad_accum).backward()
-                parts.append({"loss": loss_value, **{k: float(v) for k, v in part.items()}})
+                indices = plan.indices((step - 1) * grad_accum + micro)
+                batch = make_batch(job.shard(indices))
+                last_micro = micro == grad_accum - 1
+                with job.no_sync(runner) if not last_micro else contextlib.nullcontext():
+                    with autocast(enabled=bf16):
+                        loss, part = runner(batch)
+                    (loss / grad_accum).backward()
+                part = {"loss": float(loss.detach()), **{k: float(v) for k, v in part.items()}}
+                part = job.mean(part)
+                check_finite(part["loss"], "loss", step, last_checkpoint)
+                parts.append(part)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             grad_norm = optimizer_step(
                 model, optimizer, scheduler, max_grad_norm, step, last_checkpoint
             )
-            metrics = {
-                **_mean_metrics(parts),
-                "grad_norm": grad_norm,
-                "lr": scheduler.get_last_lr()[0],
-            }
+            metrics = {**_mean_metrics(parts), "grad_norm": grad_norm, "lr": lr}
             is_last = step == max_steps
             if evaluate is not None and (is_last or (eval_steps > 0 and step % eval_steps == 0)):
                 eval_metrics = evaluate()
                 metrics.update(eval_metrics)
                 model.train()
-            if step % log_steps == 0 or is_last:
-                logger.log(step, metrics)
-            logger.advance()
+            if logger is not None:
+                if step % log_steps == 0 or is_last:
+                    logger.log(step, metrics)
+                logger.advance()
             if save_steps > 0 and step % save_steps == 0 and not is_last:
-                last_checkpoint = str(
+                if job.is_main:
                     save_checkpoint(
                         output_dir, step, model, optimizer, scheduler, keep_last=keep_last
                     )
-                )
+                last_checkpoint = str(output_dir / "checkpoints" / f"step-{step:06d}")
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
     return LoopResult(step=max_steps, last_metrics=metrics, eval_metrics=eval_metrics)
 
 
