@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU build of torch (a looser pin would pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+LINT_PATHS := alignkit tests $(wildcard benchmarks)
 
 .PHONY: install demo demo-quick test lint bench clean
 
@@ -27,8 +28,8 @@ demo-quick: install
 	$(BIN)/alignkit demo --quick
 
 lint: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 test: install lint
 	bash scripts/install-system-deps.sh
