@@ -178,7 +178,10 @@ def test_bad_length_settings_and_missing_chat_template(tokenizer):
     )
     with pytest.raises(InputError) as caught:
         tokenize_sft(example, tokenizer, max_length=32, overlong="clip")
-    assert str(caught.value) == "config: field 'overlong' must be 'truncate' or 'drop', got 'clip'"
+    assert (
+        str(caught.value)
+        == "config: field 'overlong' must be 'truncate', 'drop' or 'error', got 'clip'"
+    )
     template = tokenizer.chat_template
     try:
         tokenizer.chat_template = None

@@ -13,6 +13,7 @@ import json
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,24 @@ def save_checkpoint(
     )
     (staging / "meta.json").write_text(json.dumps({"step": step}))
     if final.exists():
-        shutil.rmtree(final)
+        _discard(final)
     staging.rename(final)
-    for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    keep = {p.name for p in list_checkpoints(output_dir)[-keep_last:]}
+    for leftover in root.iterdir():
+        # Older checkpoints, and whatever a kill left half-written or half-deleted.
+        if leftover.name not in keep:
+            _discard(leftover)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory; the rename first makes it vanish from view atomically."""
+    trash = path.with_name(f".trash-{path.name}-{time.time_ns()}")
+    try:
+        path.rename(trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
