@@ -1,0 +1,240 @@
+"""Set-up, per-step bookkeeping and wrap-up of an online run: what a recipe holds besides
+its loop (inputs, models, optimizer, prompt order, metrics, evaluation, checkpoints)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.data.examples import Prompt
+from alignkit.models import load_policy, load_tokenizer
+from alignkit.recipes.offline import save_run
+from alignkit.recipes.online import (
+    OnlineConfig,
+    PromptSampler,
+    ReferencePolicy,
+    RewardFn,
+    encode_prompts,
+    evaluate_policy,
+    load_prompts,
+    rollout_seed,
+    task_gold,
+)
+from alignkit.rollout import SamplingParams
+from alignkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.training.common import (
+    check_output_dir,
+    prepare_output_dir,
+    seed_everything,
+    set_threads,
+)
+from alignkit.training.metrics import MetricsLogger
+from alignkit.training.optim import build_optimizer
+
+
+@dataclass
+class RunInputs:
+    """Everything a run reads, loaded and validated before any training compute."""
+
+    tokenizer: Any
+    train_prompts: list[Prompt]
+    train_ids: list[list[int]]
+    eval_prompts: list[Prompt]
+    eval_ids: list[list[int]]
+    reward_fn: RewardFn
+    gold_fn: RewardFn | None
+
+
+def load_run_inputs(config: OnlineConfig) -> RunInputs:
+    """Tokenizer, prompts (encoded), reward and gold functions; raises :class:`InputError`."""
+    from alignkit.rewards import build_reward
+
+    tokenizer = load_tokenizer(config.model)
+    train_prompts, eval_prompts = load_prompts(config.task, config.data)
+    eval_prompts = eval_prompts[: config.eval_prompts]
+    specs = [part.strip() for part in config.reward.split(",") if part.strip()]
+    reward_fn = build_reward(specs, tokenizer=tokenizer, source="config")
+    return RunInputs(
+        tokenizer=tokenizer,
+        train_prompts=train_prompts,
+        train_ids=encode_prompts(tokenizer, train_prompts, config.max_prompt_length),
+        eval_prompts=eval_prompts,
+        eval_ids=encode_prompts(tokenizer, eval_prompts, config.max_prompt_length),
+        reward_fn=reward_fn,
+        gold_fn=task_gold(config.task),
+    )
+
+
+def evaluate(
+    policy: nn.Module,
+    inputs: RunInputs,
+    params: SamplingParams,
+    bf16: bool,
+    reference: ReferencePolicy | None,
+) -> dict[str, float]:
+    """Held-out metrics with a fixed sampling seed (``eval/gold``, ``eval/reward``, ...)."""
+    return evaluate_policy(
+        policy,
+        inputs.tokenizer,
+        inputs.eval_prompts,
+        inputs.eval_ids,
+        params,
+        bf16,
+        reward_fn=inputs.reward_fn,
+        gold_fn=inputs.gold_fn,
+        reference=reference,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Run set-up, per-step bookkeeping, wrap-up
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class OnlineRun:
+    """What an online run holds besides its loop: models, optimizer, prompt order,
+    metrics log, evaluation, checkpoints and the final save.
+
+    ``states`` are recipe objects with ``state_dict`` / ``load_state_dict`` (a KL
+    controller, running reward statistics) that checkpoints carry and resume restores.
+    """
+
+    config: OnlineConfig
+    started: float
+    inputs: RunInputs
+    policy: nn.Module
+    reference: ReferencePolicy
+    trainable: nn.Module  # the policy, or a module holding the policy and its critic
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    output_dir: Path
+    start_step: int  # 0, or the step of the checkpoint a resumed run starts from
+    step: int  # the last step logged
+    last_checkpoint: str | None
+    states: dict[str, Any]
+    bf16: bool
+    sampler: PromptSampler
+    logger: MetricsLogger
+    eval_reference: dict[str, float]  # held-out metrics of the starting policy
+    last_metrics: dict[str, float]
+
+    @classmethod
+    def start(
+        cls,
+        config: OnlineConfig,
+        build_trainable: Callable[[nn.Module], nn.Module],
+        overwrite: bool,
+        resume: bool,
+        desc: str,
+        states: dict[str, Any],
+    ) -> OnlineRun:
+        """Validate every input, then load models, build the optimizer, prepare the run
+        directory, resume from its last checkpoint when asked, and evaluate the starting
+        policy (logged as step 0). ``build_trainable(policy)`` returns the module whose
+        parameters are trained (the policy itself, or the policy with a critic)."""
+        started = time.time()
+        set_threads()
+        # 0. every input is validated before any compute or any file is touched
+        inputs = load_run_inputs(config)
+        check_output_dir(config.output_dir, overwrite, resume)
+        seed_everything(config.seed)
+        policy = load_policy(config.model, config.lora)
+        reference = ReferencePolicy(policy, config.model, config.reference)
+        trainable = build_trainable(policy)
+        trainable.train()
+        optimizer, scheduler = build_optimizer(
+            trainable,
+            config.lr,
+            config.weight_decay,
+            config.warmup_steps,
+            config.max_steps,
+            config.lr_schedule,
+        )
+        output_dir = prepare_output_dir(config.output_dir, overwrite, resume)
+        start_step, last_checkpoint, extra = 0, None, {}
+        found = latest_checkpoint(output_dir) if resume else None
+        if found is not None:
+            start_step, extra = load_checkpoint(found, trainable, optimizer, scheduler)
+            for name, state in states.items():
+                state.load_state_dict(extra[name])
+            last_checkpoint = str(found)
+        bf16 = config.use_bf16()
+        session = cls(
+            config=config,
+            started=started,
+            inputs=inputs,
+            policy=policy,
+            reference=reference,
+            trainable=trainable,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            output_dir=output_dir,
+            start_step=start_step,
+            step=start_step,
+            last_checkpoint=last_checkpoint,
+            states=states,
+            bf16=bf16,
+            sampler=PromptSampler(len(inputs.train_prompts), config.prompts_per_step, config.seed),
+            logger=MetricsLogger(output_dir, config.max_steps, start_step, desc=desc),
+            eval_reference=extra.get("eval_reference", {}),
+            last_metrics={},
+        )
+        if start_step == 0 and inputs.eval_prompts:
+            session.eval_reference = session.evaluate()
+            session.logger.log(0, session.eval_reference)
+        return session
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics; every evaluation uses the same sampling seed (that of step 0)."""
+        return evaluate(
+            self.policy, self.inputs, self.config.sampling(0), self.bf16, self.reference
+        )
+
+    def end_of_step(self, step: int, metrics: dict[str, float], final: bool = False) -> bool:
+        """Evaluate when due, log, checkpoint when due; returns ``final`` (stop the loop)."""
+        config = self.config
+        is_last = final or step == config.max_steps
+        due = config.eval_every > 0 and step % config.eval_every == 0
+        if self.inputs.eval_prompts and (due or is_last):
+            metrics.update(self.evaluate())
+        self.logger.log(step, metrics)
+        self.logger.advance()
+        self.step, self.last_metrics = step, metrics
+        if config.save_steps > 0 and step % config.save_steps == 0 and not is_last:
+            extra = {name: state.state_dict() for name, state in self.states.items()}
+            extra["eval_reference"] = self.eval_reference
+            extra["next_rollout_seed"] = rollout_seed(config.seed, step + 1)
+            path = save_checkpoint(
+                self.output_dir,
+                step,
+                self.trainable,
+                self.optimizer,
+                self.scheduler,
+                extra=extra,
+                keep_last=config.keep_last,
+            )
+            self.last_checkpoint = str(path)
+        return final
+
+    def finish(
+        self, stopped: str, save_extra: Callable[[Path], None] | None = None
+    ) -> dict[str, Any]:
+        """Close the log; save the policy (plain HF directory), config and summary."""
+        self.logger.close()
+        reference = {
+            f"reference_{k.removeprefix('eval/')}": v for k, v in self.eval_reference.items()
+        }
+        summary = {"steps": self.step, "stopped": stopped, **reference, **self.last_metrics}
+        save_run(
+            self.policy, self.inputs.tokenizer, self.config, self.output_dir, summary, self.started
+        )
+        if save_extra is not None:
+            save_extra(self.output_dir)
+        return summary

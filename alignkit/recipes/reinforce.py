@@ -1,0 +1,255 @@
+"""Critic-free policy gradients: RLOO, GRPO / Dr.GRPO, REINFORCE++, REINFORCE with a baseline.
+
+- ``algo=rloo``: k samples per prompt, leave-one-out baseline, KL in the reward
+  (Ahmadian et al. arXiv 2402.14740; Kool et al. 2019).
+- ``algo=grpo``: group-normalised advantages, clipped ratio, k3 KL in the loss (Shao et al.
+  arXiv 2402.03300); ``scale_by_std=false aggregation=constant`` is Dr.GRPO (Liu et al.
+  arXiv 2503.20783).
+- ``algo=reinforce_pp``: per-token KL in the reward, reward-to-go whitened over the global
+  batch, PPO clip (Hu, arXiv 2501.03262); with k > 1 the group mean of the score is
+  subtracted first (the paper's "w/ baseline").
+- ``algo=reinforce``: REINFORCE (Williams 1992) with a moving-average baseline.
+
+ALGORITHMS.md section 4. The loop matches :mod:`alignkit.recipes.ppo` without the critic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from alignkit.config import check, doc
+from alignkit.losses.policy import (
+    grpo_advantages,
+    grpo_loss,
+    kl_estimate,
+    kl_penalized_scores,
+    masked_mean,
+    ppo_policy_loss,
+    reinforce_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
+from alignkit.recipes.online_run import OnlineRun
+from alignkit.recipes.policy_gradient import (
+    PolicyGradientConfig,
+    collect_experience,
+    first_ratio_deviation,
+    forward_pass,
+    minibatch_indices,
+    optimizer_update,
+    rollout_metrics,
+    shape_scores,
+    stop_reason,
+)
+from alignkit.training.optim import check_finite
+
+Algo = Literal["rloo", "grpo", "reinforce_pp", "reinforce"]
+GROUPED = ("rloo", "grpo")
+
+
+@dataclass
+class Config(PolicyGradientConfig):
+    output_dir: str = doc("run directory", "runs/rl")
+    algo: Algo = doc("rloo | grpo | reinforce_pp | reinforce", "rloo")
+    samples_per_prompt: int = doc("completions per prompt (k of RLOO, G of GRPO)", 4)
+    kl_in: Literal["auto", "reward", "loss"] = doc(
+        "where the KL penalty goes: reward (-beta KL folded into the reward) or loss "
+        "(+beta k3 per token); auto = loss for grpo, reward otherwise",
+        "auto",
+    )
+    scale_by_std: bool = doc("grpo: divide advantages by the group std (false for Dr.GRPO)", True)
+    aggregation: Literal["sequence_mean", "constant"] = doc(
+        "grpo token aggregation: sequence_mean (GRPO) or constant (Dr.GRPO)", "sequence_mean"
+    )
+    baseline_decay: float = doc("reinforce: decay of the moving-average reward baseline", 0.9)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.algo in GROUPED:
+            check(self.samples_per_prompt >= 2, "samples_per_prompt", f"{self.algo} needs >= 2")
+        if self.algo in ("rloo", "reinforce"):
+            check(self.epochs == 1, "epochs", f"{self.algo} is clip-free: one pass per rollout")
+        check(
+            not (self.algo == "reinforce_pp" and self.kl_in == "loss"),
+            "kl_in",
+            "reinforce_pp puts the per-token KL in the reward",
+        )
+        check(0 <= self.baseline_decay < 1, "baseline_decay", "must be in [0, 1)")
+
+    def kl_placement(self) -> str:
+        if self.kl_in != "auto":
+            return self.kl_in
+        return "loss" if self.algo == "grpo" else "reward"
+
+
+class MovingBaseline:
+    """b <- decay b + (1 - decay) mean(R); starts at the first batch's mean."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay, self.value, self.started = decay, 0.0, False
+
+    def update(self, batch_mean: float) -> None:
+        if not self.started:
+            self.value, self.started = batch_mean, True
+        else:
+            self.value = self.decay * self.value + (1 - self.decay) * batch_mean
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "started": self.started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value, self.started = float(state["value"]), bool(state["started"])
+
+
+def sequence_k3(
+    logps: torch.Tensor,  # (N, T) current policy, with gradient
+    ref_logps: torch.Tensor,  # (N, T)
+    mask: torch.Tensor,  # (N, T)
+) -> torch.Tensor:  # ()
+    """mean_i (1/|o_i|) sum_t k3_t: the KL-in-the-loss term of rloo / reinforce."""
+    token_kl = kl_estimate(logps, ref_logps.detach(), "k3")
+    return masked_mean(token_kl, mask, dim=1).mean()
+
+
+def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    algo, k, kl_coef = config.algo, config.samples_per_prompt, config.kl_coef
+    kl_in_loss = config.kl_placement() == "loss"
+    baseline = MovingBaseline(config.baseline_decay)
+    session = OnlineRun.start(
+        config,
+        lambda policy: policy,
+        overwrite=overwrite,
+        resume=resume,
+        desc=algo,
+        states={"baseline": baseline},
+    )
+    policy, inputs, bf16 = session.policy, session.inputs, session.bf16
+    params = [p for p in policy.parameters() if p.requires_grad]
+    rows, stop = config.prompts_per_step * k, None
+
+    for step in range(session.start_step + 1, config.max_steps + 1):
+        lr = session.scheduler.get_last_lr()[0]
+        # 1. rollout: k samples per prompt, then (no grad) old and reference log-probs
+        batch = session.sampler.indices(step)
+        experience = collect_experience(
+            policy,
+            inputs.tokenizer,
+            [inputs.train_prompts[i] for i in batch],
+            [inputs.train_ids[i] for i in batch],
+            config.sampling(step),
+            k,
+            inputs.reward_fn,
+            config.reward,
+            bf16,
+            reference=session.reference,
+            gold_fn=inputs.gold_fn,
+        )
+        mask, old_logps, ref_logps = experience.mask, experience.old_logps, experience.ref_logps
+        # 2. score
+        scores = experience.scores
+        check_finite(float(scores.sum()), "reward", step, session.last_checkpoint)
+        scores = shape_scores(
+            scores, experience.rollout.finished, config.missing_eos, config.missing_eos_penalty
+        )
+        # 3. KL: k1 of the rollout policy against the reference, in the reward or the loss
+        token_kl = kl_estimate(old_logps, ref_logps, "k1")
+        sequence_kl = (token_kl * mask).sum(1)  # (N,)
+        reward_kl_coef = 0.0 if kl_in_loss else kl_coef
+        rewards = kl_penalized_scores(scores, token_kl, mask, reward_kl_coef)  # (N,)
+        # 4. advantages
+        if algo == "rloo":
+            advantages = rloo_advantages(rewards.view(-1, k)).view(-1)  # (N,)
+        elif algo == "grpo":
+            advantages = grpo_advantages(rewards.view(-1, k), config.scale_by_std).view(-1)
+        elif algo == "reinforce_pp":
+            advantages, _ = reinforce_pp_advantages(
+                scores, token_kl, mask, kl_coef, group_size=k if k > 1 else None
+            )  # (N, T)
+        else:
+            batch_mean = float(rewards.mean())
+            advantages = rewards - (baseline.value if baseline.started else batch_mean)
+            baseline.update(batch_mean)
+        # 5. update
+        parts: list[dict[str, float]] = []
+        first_ratio_dev, stopped_early = None, False
+        for epoch in range(config.epochs):
+            for index in minibatch_indices(rows, config.num_minibatches, config.seed, step, epoch):
+                new = forward_pass(
+                    policy,
+                    **experience.rows(index),
+                    prompt_length=experience.rollout.prompt_length,
+                    temperature=experience.rollout.temperature,
+                    bf16=bf16,
+                )
+                mb_mask, mb_old = mask[index], old_logps[index]
+                if algo == "grpo":
+                    loss, loss_metrics = grpo_loss(
+                        new.logps,
+                        mb_old,
+                        ref_logps[index] if kl_in_loss else None,
+                        advantages[index],
+                        mb_mask,
+                        clip_eps=config.clip_eps,
+                        kl_coef=kl_coef if kl_in_loss else 0.0,
+                        aggregation=config.aggregation,
+                        max_completion_length=config.max_new_tokens,
+                    )
+                    loss_metrics["token_k3"] = loss_metrics.pop("kl")  # mean k3 in the loss
+                elif algo == "reinforce_pp":
+                    loss, loss_metrics = ppo_policy_loss(
+                        new.logps, mb_old, advantages[index], mb_mask, config.clip_eps
+                    )
+                else:
+                    sequence_logps = (new.logps * mb_mask).sum(1)  # (n,)
+                    loss, loss_metrics = reinforce_loss(sequence_logps, advantages[index])
+                    if kl_in_loss and kl_coef:
+                        loss = loss + kl_coef * sequence_k3(new.logps, ref_logps[index], mb_mask)
+                check_finite(float(loss.detach()), "loss", step, session.last_checkpoint)
+                loss.backward()
+                grad_norm = optimizer_update(
+                    params, session.optimizer, config.max_grad_norm, step, session.last_checkpoint
+                )
+                log_ratio = new.logps.detach() - mb_old
+                approx_kl = float(masked_mean(torch.expm1(log_ratio) - log_ratio, mb_mask))
+                if first_ratio_dev is None:
+                    first_ratio_dev = first_ratio_deviation(new.logps, mb_old, mb_mask)
+                parts.append(
+                    {
+                        "loss": float(loss.detach()),
+                        "grad_norm": grad_norm,
+                        "approx_kl": approx_kl,
+                        **{k_: float(v) for k_, v in loss_metrics.items()},
+                    }
+                )
+                target = config.target_approx_kl
+                if target is not None and approx_kl > target:
+                    stopped_early = True
+                    break
+            if stopped_early:
+                break
+        session.scheduler.step()
+
+        # 6. log, stop criteria, checkpoint
+        valid_advantages = advantages[mask.bool()] if advantages.dim() == 2 else advantages
+        metrics = {
+            **rollout_metrics(experience),
+            "reward": float(rewards.mean()),
+            "kl": float(sequence_kl.mean()),
+            "kl_coef": kl_coef,
+            "advantage_std": float(valid_advantages.std(correction=0)),
+            **{k_: sum(p[k_] for p in parts) / len(parts) for k_ in parts[0]},
+            "first_ratio_dev": first_ratio_dev,
+            "updates": float(len(parts)),
+            "lr": lr,
+        }
+        if algo in GROUPED:
+            grouped = scores.view(-1, k)
+            flat = (grouped == grouped[:, :1]).all(1).float().mean()
+            metrics["zero_std_groups"] = float(flat)
+        stop = stop_reason(metrics, config.stop_reward, config.kl_budget)
+        if session.end_of_step(step, metrics, final=stop is not None):
+            break
+    return session.finish(stop or "max_steps")
