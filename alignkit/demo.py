@@ -1,0 +1,489 @@
+"""Run the whole alignment loop on the embedded model and write an HTML report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from alignkit.config import check, doc
+from alignkit.errors import InputError
+from alignkit.models import EMBEDDED_MODEL
+
+console = Console(stderr=True, soft_wrap=True)
+
+# method -> (recipe module, extra Config keys)
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ppo": ("alignkit.recipes.ppo", {}),
+    "rloo": ("alignkit.recipes.reinforce", {"algo": "rloo"}),
+    "grpo": ("alignkit.recipes.reinforce", {"algo": "grpo"}),
+    "dpo": ("alignkit.recipes.dpo", {}),
+    "best_of_n": ("alignkit.recipes.best_of_n", {}),
+    "rejection_sampling": ("alignkit.recipes.rejection_sampling", {}),
+    "online_dpo": ("alignkit.recipes.online_dpo", {}),
+    "distribution": ("alignkit.recipes.distribution", {"algo": "brain"}),
+}
+
+
+@dataclass
+class DemoSettings:
+    """The full demo (about 20 minutes on 2 idle cores); see :class:`QuickDemoSettings`."""
+
+    output_dir: str = doc("run directory", "runs/demo")
+    model: str = doc("starting policy", EMBEDDED_MODEL)
+    task: str = doc("built-in task (prompts and gold judge)", "sentiment")
+    methods: str = doc("comma-separated methods", ",".join(METHODS))
+    sft: bool = doc("run SFT on gold-chosen samples first (see docs/demo.md)", False)
+    sft_steps: int = doc("SFT optimizer steps", 24)
+    feedback_prompts: int = doc("train prompts the panel ranks samples of", 128)
+    k: int = doc("completions sampled per prompt for the panel", 4)
+    max_new_tokens: int = doc("completion length everywhere (tokens)", 32)
+    temperature: float = doc("sampling temperature everywhere (training and eval)", 0.7)
+    annotators: int = doc("simulated annotators", 7)
+    careless: int = doc("of which careless (random answers)", 2)
+    adversarial: int = doc("of which adversarial (inverted preferences)", 1)
+    overlap: int = doc("annotators per item", 3)
+    annotator_noise: float = doc("careful annotators' Bradley-Terry noise (gold units)", 0.1)
+    reward_steps: int = doc("reward-model optimizer steps", 80)
+    reward_lr: float = doc("reward-model learning rate", 3e-5)
+    policy_steps: int = doc("rollout steps of each online method", 16)
+    rollout_rows: int = doc("completions per rollout step (prompts x samples)", 16)
+    policy_lr: float = doc("online methods' learning rate", 1e-5)
+    kl_coef: float = doc("KL coefficient towards the reference", 0.05)
+    dpo_steps: int = doc("DPO optimizer steps (batch 8 pairs)", 48)
+    dpo_lr: float = doc("DPO learning rate", 5e-6)
+    bon_n: int = doc("n of best-of-n", 8)
+    eval_prompts: int = doc("held-out prompts for the final evaluation", 64)
+    threads: int = doc("torch threads; 0 = the idle cores (1 on a busy machine)", 0)
+    seed: int = doc("seed of every stage", 0)
+
+    def validate(self) -> None:
+        unknown = [m for m in self.method_list() if m not in METHODS]
+        check(not unknown, "methods", f"unknown {unknown} (known: {', '.join(METHODS)})")
+        check(self.k >= 2, "k", "must be >= 2 to rank")
+        check(0 <= self.careless + self.adversarial < self.annotators, "careless", "too many")
+        check(2 <= self.overlap <= self.annotators, "overlap", "must be in [2, annotators]")
+        check(self.rollout_rows >= 4, "rollout_rows", "must be >= 4")
+        for name in ("feedback_prompts", "reward_steps", "policy_steps", "dpo_steps"):
+            check(getattr(self, name) >= 1, name, "must be >= 1")
+        check(self.eval_prompts >= 4, "eval_prompts", "must be >= 4")
+
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+
+@dataclass
+class QuickDemoSettings(DemoSettings):
+    """``--quick``: the same loop, sized for about 5 minutes (the CI run)."""
+
+    feedback_prompts: int = doc("train prompts the panel ranks samples of", 32)
+    sft_steps: int = doc("SFT optimizer steps", 8)
+    max_new_tokens: int = doc("completion length everywhere (tokens)", 24)
+    reward_steps: int = doc("reward-model optimizer steps", 24)
+    policy_steps: int = doc("rollout steps of each online method", 4)
+    rollout_rows: int = doc("completions per rollout step (prompts x samples)", 8)
+    dpo_steps: int = doc("DPO optimizer steps (batch 8 pairs)", 12)
+    bon_n: int = doc("n of best-of-n", 4)
+    eval_prompts: int = doc("held-out prompts for the final evaluation", 24)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``alignkit demo [--quick] [--overwrite] [key=value ...]``; ``--help`` lists the keys."""
+    from alignkit.config import field_help
+
+    quick = {name: default for name, _, default in field_help(QuickDemoSettings)}
+    lines = ["keys (key=value; full default, then --quick default where it differs):"]
+    for name, text, default in field_help(DemoSettings):
+        shown = f"{default}" if quick[name] == default else f"{default} / {quick[name]}"
+        lines.append(f"  {name + '=' + shown:<34} {text}")
+    parser.epilog = "\n".join(lines)
+    parser.add_argument("--quick", action="store_true", help="the ~5 minute version (CI)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of key: value settings")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. output_dir=runs/demo task=harmless"
+    )
+
+
+# --- small pieces ---
+
+
+def choose_threads(requested: int) -> int:
+    """``requested``, or the cores not busy right now (at least 1).
+
+    Two threads on a machine whose other processes keep both cores busy wait on each
+    other at every barrier: measured here, one thread was 5x faster under load.
+    """
+    cores = os.cpu_count() or 1
+    if requested > 0:
+        return requested
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, int(round(cores - busy))))
+
+
+class Stopwatch:
+    """Wall and CPU seconds of each named stage, written to ``timings.json``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.stages = path, {}
+
+    def __call__(self, name: str) -> _Stage:
+        return _Stage(self, name)
+
+    def record(self, name: str, wall: float, cpu: float) -> None:
+        self.stages[name] = {"wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2)}
+        self.path.write_text(json.dumps(self.stages, indent=2))
+        console.print(f"[bold]{name}[/bold] done in {wall:.1f} s (cpu {cpu:.1f} s)")
+
+
+class _Stage:
+    def __init__(self, watch: Stopwatch, name: str) -> None:
+        self.watch, self.name = watch, name
+
+    def __enter__(self) -> _Stage:
+        console.rule(self.name)
+        self.wall, self.cpu = time.time(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall, cpu = time.time() - self.wall, time.process_time() - self.cpu
+        self.seconds = wall
+        self.watch.record(self.name, wall, cpu)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``).
+
+    Each stage loads and drops its own models; without the trim the process keeps the
+    high-water mark of every stage resident, measured here at ~5 GB after the reward model.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def make_config(config_cls: type, values: dict[str, Any], method: str) -> Any:
+    """``config_cls(**values)`` keeping only keys it has (recipes evolve), validated."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    dropped = sorted(set(values) - names)
+    if dropped:
+        console.print(f"note: {method} has no keys {dropped}; they keep their defaults")
+    config = config_cls(**{k: v for k, v in values.items() if k in names})
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def sample_completions(
+    model_dir: str, prompts: list, k: int, max_new_tokens: int, temperature: float, seed: int
+) -> list[list[str]]:
+    """``k`` completions per prompt from the model at ``model_dir``."""
+    from alignkit.models import load_policy, load_tokenizer
+    from alignkit.recipes.online import encode_prompts, rollout_seed
+    from alignkit.rollout import SamplingParams, generate
+
+    tokenizer = load_tokenizer(model_dir, padding_side="left")
+    model = load_policy(model_dir).eval().requires_grad_(False)
+    ids = encode_prompts(tokenizer, prompts, 128)
+    out: list[list[str]] = []
+    for batch, start in enumerate(range(0, len(ids), 16)):
+        params = SamplingParams(max_new_tokens, temperature, seed=rollout_seed(seed, batch))
+        rollout = generate(model, tokenizer, ids[start : start + 16], params, num_samples=k)
+        texts = rollout.completions
+        out += [texts[i * k : (i + 1) * k] for i in range(len(texts) // k)]
+    return out
+
+
+# --- stages ---
+
+
+def run_sft(s: DemoSettings, task: Any, out: Path, watch: Stopwatch) -> str:
+    """SFT on the task's train prompts with the gold judge's pick of k samples each."""
+    from alignkit.feedback.aggregate import write_jsonl
+    from alignkit.recipes import sft
+
+    with watch("sft"):
+        prompts = task.prompts("train")[: s.feedback_prompts]
+        samples = sample_completions(s.model, prompts, s.k, s.max_new_tokens, s.temperature, s.seed)
+        rows = []
+        for prompt, texts in zip(prompts, samples, strict=True):
+            scores = task.gold([prompt] * len(texts), texts)
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "completion": texts[max(range(len(texts)), key=scores.__getitem__)],
+                }
+            )
+        write_jsonl(rows, out / "data" / "sft.jsonl")
+        values = {
+            "model": s.model, "data": str(out / "data" / "sft.jsonl"), "output_dir": str(out / "sft"),
+            "max_steps": s.sft_steps, "batch_size": 8, "lr": 1e-5, "max_length": 192, "seed": s.seed,
+        }  # fmt: skip
+        sft.run(make_config(sft.Config, values, "sft"), overwrite=True)
+    return str(out / "sft")
+
+
+def run_feedback(s: DemoSettings, task: Any, start: str, out: Path, watch: Stopwatch) -> Any:
+    """Sample k per train prompt, let the panel rank them through the store, aggregate pairs."""
+    import numpy as np
+
+    from alignkit.eval.feedback_loop import make_items, run_panel, save_feedback
+
+    with watch("sample"):
+        prompts = task.prompts("train")[: s.feedback_prompts]
+        samples = sample_completions(
+            start, prompts, s.k, s.max_new_tokens, s.temperature, s.seed + 1
+        )
+        gold = np.array(
+            [task.gold([p] * s.k, texts) for p, texts in zip(prompts, samples, strict=True)]
+        )
+    with watch("feedback"):
+        items = make_items(prompts, samples, gold)
+        result = run_panel(
+            out / "feedback.db", items, lambda prompt, texts: task.gold([prompt] * len(texts), texts),
+            s.annotators, s.careless, s.adversarial, s.overlap, s.annotator_noise, s.seed,
+            out / "data" / "pairs.jsonl",
+        )  # fmt: skip
+        save_feedback(result, out / "feedback.json")
+        release_memory()
+        kinds = result.annotator_kinds
+        console.print(
+            f"{result.num_judgments} judgments on {result.num_items} items -> {result.num_pairs} "
+            f"pairs; excluded {[f'{a} ({kinds[a]})' for a in result.excluded]}"
+        )
+    return result
+
+
+def run_reward(s: DemoSettings, start: str, pairs: Path, out: Path, watch: Stopwatch) -> dict:
+    from alignkit.recipes import reward
+
+    with watch("reward_model"):
+        values = {
+            "model": start, "data": str(pairs), "output_dir": str(out / "reward_model"),
+            "eval_fraction": 0.15, "max_steps": s.reward_steps, "batch_size": 8,
+            "lr": s.reward_lr, "max_length": 160, "use_margin": False, "seed": s.seed,
+        }  # fmt: skip
+        summary = reward.run(make_config(reward.Config, values, "reward"), overwrite=True)
+        release_memory()
+    console.print(f"reward model held-out accuracy {summary.get('eval/rewards/accuracy')}")
+    return summary
+
+
+def method_values(method: str, s: DemoSettings, start: str, rm: str, out: Path) -> dict[str, Any]:
+    """The recipe's Config keys for ``method``, sized by the demo settings."""
+    group = 4
+    online = {
+        "model": start, "task": s.task, "reward": rm, "output_dir": str(out / method),
+        "max_steps": s.policy_steps, "max_new_tokens": s.max_new_tokens,
+        "temperature": s.temperature, "lr": s.policy_lr, "kl_coef": s.kl_coef,
+        "eval_prompts": 0, "seed": s.seed,
+    }  # fmt: skip
+    grouped = {"prompts_per_step": s.rollout_rows // group, "samples_per_prompt": group}
+    rounds = max(1, s.policy_steps // 2)
+    # these recipes log no per-step KL: a small held-out evaluation gives one (eval/kl)
+    held_out = {"eval_prompts": 8, "eval_every": max(1, rounds // 3)}
+    if method == "ppo":
+        return {**online, "prompts_per_step": s.rollout_rows, "samples_per_prompt": 1, "epochs": 2,
+                "missing_eos": "none"}  # fmt: skip
+    if method in ("rloo", "grpo"):
+        return {**online, **grouped, **METHODS[method][1], "missing_eos": "none"}
+    if method == "distribution":
+        return {**online, **grouped, **METHODS[method][1], **held_out,
+                "eval_every": max(1, s.policy_steps // 3)}  # fmt: skip
+    if method == "online_dpo":
+        return {**online, **grouped, **held_out, "max_steps": rounds, "dpo_steps": 2,
+                "batch_size": s.rollout_rows // group, "lr": 2 * s.dpo_lr}  # fmt: skip
+    if method == "rejection_sampling":
+        return {**online, **grouped, **held_out, "max_steps": rounds, "sft_steps": 2,
+                "keep_top": 1, "batch_size": s.rollout_rows // group}  # fmt: skip
+    if method == "dpo":
+        return {"model": start, "data": str(out / "data" / "pairs.jsonl"), "output_dir": str(out / method),
+                "max_steps": s.dpo_steps, "batch_size": 8, "lr": s.dpo_lr, "beta": 0.1,
+                "max_length": 160, "seed": s.seed}  # fmt: skip
+    if method == "best_of_n":
+        return {"model": start, "task": s.task, "reward": rm, "output_dir": str(out / method),
+                "n": s.bon_n, "max_prompts": s.eval_prompts, "max_new_tokens": s.max_new_tokens,
+                "temperature": s.temperature, "seed": s.seed}  # fmt: skip
+    raise ValueError(method)
+
+
+def run_method(
+    method: str, s: DemoSettings, start: str, rm: str, out: Path, watch: Stopwatch
+) -> dict:
+    """Run one method's recipe in-process: ``{"status", "seconds", "summary" | "error"}``."""
+    module_name, _ = METHODS[method]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            console.print(f"note: {method} skipped: {module_name} is not in this build")
+            return {"status": "missing", "seconds": 0.0, "error": f"{module_name} not found"}
+        raise
+    try:
+        with watch(method) as stage:
+            config = make_config(module.Config, method_values(method, s, start, rm, out), method)
+            summary = module.run(config, overwrite=True, resume=False)
+    except Exception as err:  # a recipe still being written must not sink the other methods
+        (out / method).mkdir(parents=True, exist_ok=True)
+        (out / method / "error.txt").write_text(traceback.format_exc())
+        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        console.print(
+            f"[red]{method} failed[/red]: {message} (traceback in {out / method}/error.txt)"
+        )
+        return {"status": "failed", "seconds": 0.0, "error": message}
+    finally:
+        release_memory()
+    return {"status": "ok", "seconds": stage.seconds, "summary": summary}
+
+
+def evaluate_methods(
+    s: DemoSettings,
+    task: Any,
+    start: str,
+    rm: str,
+    runs: dict[str, dict],
+    out: Path,
+    watch: Stopwatch,
+) -> dict[str, Any]:
+    """Every finished method against the starting policy on the held-out prompts."""
+    from alignkit.eval.evaluate import EvalSettings, Evaluator, json_ready
+    from alignkit.recipes.best_of_n import kl_upper_bound
+    from alignkit.rewards import build_reward
+
+    with watch("evaluation"):
+        settings = EvalSettings(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                max_prompts=s.eval_prompts, seed=s.seed + 7)  # fmt: skip
+        evaluator = Evaluator(
+            task.prompts("eval"), task.gold, start, settings, reward_fn=build_reward(rm)
+        )
+        result = {
+            "task": task.name,
+            **evaluator.describe(),
+            "reference_metrics": evaluator.reference_summary(),
+        }
+        policies = []
+        for method, run in runs.items():
+            if run["status"] != "ok":
+                continue
+            if method == "best_of_n":
+                rows = [
+                    json.loads(x)
+                    for x in (out / method / "best_of_n.jsonl").read_text().splitlines()
+                ]
+                samples = evaluator.from_completions(
+                    method,
+                    [r["completion"] for r in rows],
+                    kl_upper_bound(s.bon_n),
+                    str(out / method),
+                )
+            else:
+                samples = evaluator.sample_policy(method, str(out / method))
+            policies.append(
+                {**evaluator.compare(samples), "train_seconds": round(run["seconds"], 1)}
+            )
+            release_memory()
+        result["policies"] = policies
+        result["not_run"] = {m: r["error"] for m, r in runs.items() if r["status"] != "ok"}
+    return json_ready(result)
+
+
+def reward_gold_agreement(evaluation: dict[str, Any], min_gap: float = 0.1) -> float:
+    """How often the reward model orders two completions of the same prompt as gold does.
+
+    Pairs are all evaluated samples (reference and every method) of one prompt whose gold
+    scores differ by more than ``min_gap``; across prompts the comparison would mostly
+    measure the prompts' own sentiment, which a within-prompt reward model never learns.
+    """
+    by_prompt: dict[int, list[dict[str, Any]]] = {}
+    for system in [evaluation["reference_metrics"], *evaluation["policies"]]:
+        for row in system.get("samples", []):
+            if "reward" in row:
+                by_prompt.setdefault(row["prompt_index"], []).append(row)
+    agree = total = 0
+    for rows in by_prompt.values():
+        for i, a in enumerate(rows):
+            for b in rows[i + 1 :]:
+                if abs(a["gold"] - b["gold"]) > min_gap:
+                    total += 1
+                    agree += (a["gold"] > b["gold"]) == (a["reward"] > b["reward"])
+    return agree / total if total else math.nan
+
+
+def run_demo(s: DemoSettings, overwrite: bool = False) -> dict[str, Any]:
+    """The whole loop; returns the evaluation with the demo's extras (also in ``results.json``)."""
+    import torch
+
+    from alignkit.eval.cli import print_table
+    from alignkit.eval.report import build_report
+    from alignkit.models import resolve_model
+    from alignkit.tasks import get_task
+
+    # 0. validate, prepare the run directory
+    s.validate()
+    task = get_task(s.task)
+    out = Path(s.output_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError("already exists; pass --overwrite to replace it", path=str(out))
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "data").mkdir(parents=True)
+    threads = choose_threads(s.threads)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the recipes' set_threads() respects it
+    watch = Stopwatch(out / "timings.json")
+    started = time.time()
+    console.print(f"demo: {s.task} on {s.model}, {threads} thread(s), into {out}")
+    base = resolve_model(s.model)
+    # 1. SFT (optional), 2. sample + panel + pairs, 3. reward model
+    start = run_sft(s, task, out, watch) if s.sft else base
+    feedback = run_feedback(s, task, start, out, watch)
+    reward_summary = run_reward(s, start, feedback.pairs_path, out, watch)
+    rm = str(out / "reward_model")
+    # 4. every method, 5. evaluation against the starting policy
+    runs = {m: run_method(m, s, start, rm, out, watch) for m in s.method_list()}
+    evaluation = evaluate_methods(s, task, start, rm, runs, out, watch)
+    evaluation["demo"] = {
+        "settings": dataclasses.asdict(s),
+        "quick": isinstance(s, QuickDemoSettings),
+        "threads": threads,
+        "reward_model": {**reward_summary, "gold_agreement": reward_gold_agreement(evaluation)},
+        "feedback": {"pairs": feedback.num_pairs, "excluded": feedback.excluded},
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    (out / "results.json").write_text(json.dumps(evaluation, indent=2))
+    # 6. report
+    with watch("report"):
+        build_report(out)
+    print_table(evaluation, title="demo")
+    failed = [m for m, r in runs.items() if r["status"] == "failed"]
+    console.print(
+        f"demo finished in {time.time() - started:.0f} s: {out / 'report.html'}"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
+    return evaluation
+
+
+def main(args: argparse.Namespace) -> int:
+    """Parse the settings and run the demo; exit 1 when a recipe failed."""
+    from alignkit.config import load_config
+
+    settings_cls = QuickDemoSettings if args.quick else DemoSettings
+    settings = load_config(settings_cls, None, args.config, args.overrides)
+    evaluation = run_demo(settings, overwrite=args.overwrite)
+    failed = [m for m, error in evaluation["not_run"].items() if not error.endswith("not found")]
+    return 1 if failed else 0
