@@ -42,6 +42,72 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# A malloc that keeps freed pages: glibc hands every large tensor back to the kernel
+# and faults it in again on the next step, which measured 3-5x slower per byte for the
+# allocation-heavy training step here (docs/benchmarks.md). The first library found is
+# preloaded by re-executing the command once; ALIGNKIT_ALLOCATOR=system turns it off,
+# ALIGNKIT_ALLOCATOR=/path/lib.so picks another.
+_ALLOCATORS = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libjemalloc.so.2")
+_LIBRARY_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+)
+_REEXEC_MARK = "ALIGNKIT_RUNTIME"
+
+
+def find_allocator(environ: dict[str, str]) -> str | None:
+    """Path of the malloc library to preload, or None (none installed, or turned off)."""
+    choice = environ.get("ALIGNKIT_ALLOCATOR", "auto")
+    if choice == "system":
+        return None
+    if choice != "auto":
+        return choice if os.path.isfile(choice) else None
+    for name in _ALLOCATORS:
+        for folder in _LIBRARY_DIRS:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def runtime_env(environ: dict[str, str]) -> dict[str, str] | None:
+    """The environment alignkit runs in, or None when ``environ`` needs no change.
+
+    Adds the allocator to ``LD_PRELOAD`` (tcmalloc's large-allocation warnings off) and
+    makes OpenMP threads sleep at barriers (``OMP_WAIT_POLICY=PASSIVE``) instead of
+    spinning: on a machine shared with other jobs a spinning thread burns the time
+    slice its partner needs, which measured 10-50x slower per step here (one thread
+    per core is kept; docs/benchmarks.md). A value the user set wins.
+    """
+    if environ.get(_REEXEC_MARK):
+        return None
+    env = dict(environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    library = find_allocator(environ)
+    preload = environ.get("LD_PRELOAD", "")
+    if library is not None and os.path.basename(library) not in preload:
+        env["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
+        env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
+    if env == environ:
+        return None
+    env[_REEXEC_MARK] = "1"
+    return env
+
+
+def _reexec_in_runtime_env() -> None:
+    """Run this same command again, once, in :func:`runtime_env` (before torch loads)."""
+    env = runtime_env(dict(os.environ))
+    if env is None or not getattr(sys, "orig_argv", None):
+        return
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:  # pragma: no cover - carry on with the system allocator
+        pass
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -146,6 +212,8 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        _reexec_in_runtime_env()
     _quiet_libraries()
     try:
         code = run(sys.argv[1:] if argv is None else argv)

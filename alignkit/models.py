@@ -297,5 +297,47 @@ def autocast(
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
+@contextlib.contextmanager
+def bf16_compute(model: torch.nn.Module, enabled: bool | None = None) -> Iterator[None]:
+    """Inside the block the model computes with bf16 copies of its fp32 weights.
+
+    The fp32 weights stay the master copy (the optimizer, checkpoints and saved models
+    only ever see them): on exit they are put back, and the bf16 gradients computed in
+    the block are added to their fp32 ``.grad``. Run forward *and* backward inside.
+
+    Under autocast alone the residual stream, the norms and the rotary embedding stay
+    fp32 and every weight is cast again at each use; here all activations are bf16,
+    which halves activation memory and the bytes each elementwise op moves.
+    ``enabled`` None = where :func:`bf16_supported`; False = a no-op.
+    """
+    if enabled is None:
+        enabled = bf16_supported()
+    if not enabled:
+        yield
+        return
+    swapped: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor | None]] = []
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dtype != torch.float32:
+                continue
+            swapped.append((parameter, parameter.data, parameter.grad))
+            parameter.grad = None
+            parameter.data = parameter.data.to(torch.bfloat16)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for parameter, master, old_grad in swapped:
+                new_grad = parameter.grad
+                parameter.grad = None
+                parameter.data = master
+                if new_grad is None:
+                    parameter.grad = old_grad
+                elif old_grad is None:
+                    parameter.grad = new_grad.to(torch.float32)
+                else:
+                    parameter.grad = old_grad.add_(new_grad)
+
+
 def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from alignkit.logprobs import sequence_logps
-from alignkit.models import autocast, cache_root, resolve_model
+from alignkit.models import autocast, bf16_compute, cache_root, resolve_model
 
 
 def model_fingerprint(name: str) -> str:
@@ -49,7 +49,6 @@ def sequences_fingerprint(sequences: list[tuple[list[int], list[int]]]) -> str:
     return digest.hexdigest()
 
 
-@torch.inference_mode()
 def score_sequences(
     model: torch.nn.Module,
     sequences: list[tuple[list[int], list[int]]],
@@ -57,26 +56,37 @@ def score_sequences(
     batch_size: int,
     bf16: bool,
 ) -> torch.Tensor:
-    """Summed completion log-probs S(y) for each (prompt_ids, completion_ids). -> (N,) fp32."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    """Summed completion log-probs S(y) for each (prompt_ids, completion_ids). -> (N,) fp32.
+
+    Sequences sharing a prompt are put in the same batch, longest prompts' groups
+    together, so :func:`~alignkit.logprobs.token_logps` runs each prompt once.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (prompt_ids, _) in enumerate(sequences):
+        groups.setdefault(tuple(prompt_ids), []).append(i)
+    by_length = sorted(
+        groups.values(), key=lambda g: max(len(sequences[i][0]) + len(sequences[i][1]) for i in g)
+    )
+    order = [i for group in by_length for i in group]
     out = torch.zeros(len(sequences), dtype=torch.float32)
     was_training = model.training
     model.eval()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = max(len(sequences[i][0]) + len(sequences[i][1]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        completion_mask = torch.zeros_like(input_ids)
-        for row, i in enumerate(chunk):
-            prompt_ids, completion_ids = sequences[i]
-            ids = prompt_ids + completion_ids
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-            completion_mask[row, len(prompt_ids) : len(ids)] = 1
-        with autocast(enabled=bf16):
-            sums, _ = sequence_logps(model, input_ids, attention_mask, completion_mask)
-        out[chunk] = sums.float()
+    with bf16_compute(model, enabled=bf16), torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(sequences[i][0]) + len(sequences[i][1]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            completion_mask = torch.zeros_like(input_ids)
+            for row, i in enumerate(chunk):
+                prompt_ids, completion_ids = sequences[i]
+                ids = prompt_ids + completion_ids
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention_mask[row, : len(ids)] = 1
+                completion_mask[row, len(prompt_ids) : len(ids)] = 1
+            with autocast(enabled=bf16):
+                sums, _ = sequence_logps(model, input_ids, attention_mask, completion_mask)
+            out[chunk] = sums.float()
     model.train(was_training)
     return out
 
@@ -96,6 +106,7 @@ def cached_reference_logps(
                 tokenizer_fingerprint(tokenizer),
                 sequences_fingerprint(sequences),
                 f"bf16={bf16}",
+                "compute=bf16-weights" if bf16 else "compute=fp32",
             ]
         ).encode()
     ).hexdigest()[:32]

@@ -10,6 +10,7 @@ import torch
 from alignkit.errors import InputError
 from alignkit.rollout import (
     SamplingParams,
+    draw,
     filter_logits,
     generate,
     sample_tokens,
@@ -125,6 +126,35 @@ def test_left_padding_does_not_change_greedy_tokens(policy, tokenizer, prompts):
     torch.testing.assert_close(batched_logps, alone_logps, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_greedy_decoding_matches_transformers_generate(policy, tokenizer, prompts, bf16):
+    """Same tokens and per-step log-probs as ``model.generate`` (its own cache and masks)."""
+    from alignkit.models import autocast, bf16_supported
+
+    if bf16 and not bf16_supported():
+        pytest.skip("no bf16 on this CPU")
+    rollout = generate(policy, tokenizer, prompts, SamplingParams(8, temperature=0.0), bf16=bf16)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    attention_mask = (
+        torch.arange(width) >= width - torch.tensor([[len(p)] for p in prompts])
+    ).long()
+    with torch.no_grad(), autocast(enabled=bf16):
+        out = policy.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    assert torch.equal(rollout.input_ids, out.sequences)
+    logits = torch.stack(out.logits, dim=1).float()  # (B, 8, V)
+    expected = torch.log_softmax(logits, -1).gather(-1, out.sequences[:, width:, None])[..., 0]
+    torch.testing.assert_close(rollout.sampling_logps[:, width:], expected, atol=1e-5, rtol=0)
+
+
 def test_top_k_one_and_tiny_top_p_equal_greedy(policy, tokenizer, prompts):
     greedy = generate(policy, tokenizer, prompts, SamplingParams(8, temperature=0.0), bf16=False)
     top_k = generate(
@@ -181,6 +211,16 @@ def test_sample_frequencies_follow_the_tempered_filtered_distribution():
     frequency = torch.bincount(tokens, minlength=4).float() / tokens.numel()
     torch.testing.assert_close(frequency, tempered, atol=0.015, rtol=0)
     assert math.isclose(float(logps[tokens == 1][0]), math.log(tempered[1]), abs_tol=1e-5)
+
+
+def test_draw_never_picks_zero_probability_tokens():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0], [1e-12, 0.0, 1.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([draw(probs, generator) for _ in range(2000)])  # (2000, 3)
+    assert set(draws[:, 0].tolist()) == {1, 3}
+    assert set(draws[:, 1].tolist()) == {3}
+    assert set(draws[:, 2].tolist()) <= {0, 2} and (draws[:, 2] == 2).float().mean() > 0.99
+    assert abs((draws[:, 0] == 1).float().mean() - 0.5) < 0.04
 
 
 def test_generate_restores_train_mode_and_frozen_flags(policy, tokenizer, prompts):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from alignkit.data.batching import length_grouped_batches
-from alignkit.models import autocast
+from alignkit.models import autocast, bf16_compute
 from alignkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.training.distributed import Distributed, LossModule
 from alignkit.training.metrics import MetricsLogger
@@ -57,6 +57,27 @@ class LoopResult:
     step: int
     last_metrics: dict[str, float]
     eval_metrics: dict[str, float]
+
+
+def use_fused_adam(optimizer: torch.optim.Optimizer) -> None:
+    """Switch Adam/AdamW to their fused kernel when every parameter is a CPU float tensor.
+
+    The default on CPU is the per-tensor loop: about ten elementwise passes (and as
+    many thread-pool rounds) per parameter tensor; the fused kernel does one. Measured
+    here: 0.5-1 s instead of 2.5-29 s per step for 135M parameters on a loaded machine
+    (docs/benchmarks.md). The update is the same up to fp32 rounding. Call it before
+    the first step; an explicit ``foreach`` or ``fused`` choice is kept.
+    """
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not params or any(p.device.type != "cpu" or not p.is_floating_point() for p in params):
+        return
+    for group in optimizer.param_groups:
+        explicit = group.get("foreach") or group.get("fused") is not None
+        special = group.get("differentiable") or group.get("capturable")
+        if not explicit and not special:
+            group["fused"] = True
 
 
 def _mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
@@ -101,6 +122,10 @@ def train_loop(
             last_checkpoint = str(found)
     logger = MetricsLogger(output_dir, max_steps, start_step, desc=desc) if job.is_main else None
     runner = job.wrap(LossModule(model, compute_loss))
+    use_fused_adam(optimizer)
+    # bf16 copies of the weights for forward and backward, fp32 masters for the step;
+    # DDP's gradient buckets are fixed to the fp32 parameters, so it keeps autocast alone.
+    bf16_weights = bf16 and not job.enabled
     model.train()
     metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
@@ -112,9 +137,10 @@ def train_loop(
                 batch = make_batch(job.shard(indices))
                 last_micro = micro == grad_accum - 1
                 with job.no_sync(runner) if not last_micro else contextlib.nullcontext():
-                    with autocast(enabled=bf16):
-                        loss, part = runner(batch)
-                    (loss / grad_accum).backward()
+                    with bf16_compute(model, enabled=bf16_weights):
+                        with autocast(enabled=bf16):
+                            loss, part = runner(batch)
+                        (loss / grad_accum).backward()
                 part = {"loss": float(loss.detach()), **{k: float(v) for k, v in part.items()}}
                 part = job.mean(part)
                 check_finite(part["loss"], "loss", step, last_checkpoint)
@@ -157,7 +183,7 @@ def evaluate_batches(
     model.eval()
     parts = []
     for indices in batches:
-        with autocast(enabled=bf16):
+        with bf16_compute(model, enabled=bf16), autocast(enabled=bf16):
             loss, part = compute_loss(model, make_batch(indices))
         parts.append({"loss": float(loss), **{k: float(v) for k, v in part.items()}})
     return {f"eval/{k}": v for k, v in _mean_metrics(parts).items()}

@@ -1,0 +1,238 @@
+"""Every fast path gives the numbers of the plain one.
+
+- prompts shared between rows (DPO pairs, k samples of a prompt) are packed into one
+  sequence: same log-probs, entropies and gradients as the plain batch (fp32);
+- bf16 weights with fp32 masters: same DPO losses as autocast alone within bf16
+  tolerance, masters untouched and gradients fp32;
+- the fused AdamW step: the same update as the per-tensor loop;
+- reference scoring grouped by prompt: the same sums as one row at a time;
+- the CLI's runtime environment: the allocator is preloaded once, and can be turned off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+
+import pytest
+import torch
+
+from alignkit import cli, logprobs
+from alignkit.config import load_config
+from alignkit.data import collate_pairs
+from alignkit.data.tokenize import TokenizedPair
+from alignkit.logprobs import token_logps
+from alignkit.models import autocast, bf16_compute, load_policy
+from alignkit.recipes import dpo
+from alignkit.recipes.dpo import make_pairwise_loss
+from alignkit.reference import score_sequences
+from alignkit.training import loop
+from alignkit.training.loop import use_fused_adam
+from alignkit.training.optim import build_optimizer
+
+
+def _pairs(seed: int = 0) -> list[TokenizedPair]:
+    generator = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(5, 3000, (n,), generator=generator).tolist()
+
+    return [
+        TokenizedPair(ids(30), ids(9), ids(4), None),
+        TokenizedPair(ids(22), ids(3), ids(12), None),
+        TokenizedPair(ids(41), ids(7), ids(7), None),
+    ]
+
+
+@contextlib.contextmanager
+def _no_packing(monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(logprobs, "_PACKING_GAIN", 0.0)
+        yield
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_pairs_share_their_prompt_with_identical_logps_and_grads(tiny_model, attention):
+    model = load_policy(tiny_model)
+    model.config._attn_implementation = attention
+    batch = collate_pairs(_pairs(), pad_id=0)
+    args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    scored = batch["completion_mask"].bool().clone()
+    scored[:, 0] = False
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    packing = logprobs._pack_shared_prompts(model.model, args[0], args[1], scored, positions)
+    assert packing is not None and packing.input_ids.shape[0] == 3  # one sequence per pair
+    assert packing.input_ids.numel() < batch["input_ids"].numel()
+
+    fast = token_logps(model, *args, with_entropy=True)
+    fast.logps.sum().backward()
+    fast_grads = _grads(model)
+    model.zero_grad()
+    with _no_packing(pytest.MonkeyPatch()):
+        plain = token_logps(model, *args, with_entropy=True)
+    plain.logps.sum().backward()
+    assert torch.allclose(fast.logps, plain.logps, atol=1e-5)
+    assert torch.allclose(fast.entropy, plain.entropy, atol=1e-5)
+    for name, grad in _grads(model).items():
+        assert torch.allclose(fast_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_samples_of_a_left_padded_prompt_share_it(tiny_model):
+    """Rollout layout: left-padded prompts, k samples each, completions padded after EOS."""
+    model = load_policy(tiny_model)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 3000, (n,), generator=generator) for n in (11, 6)]
+    k, width, new = 3, 11, 8
+    input_ids = torch.zeros((2 * k, width + new), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros_like(input_ids)
+    for row in range(2 * k):
+        prompt = prompts[row // k]
+        length = new - row  # ragged completions
+        input_ids[row, width - len(prompt) : width] = prompt
+        input_ids[row, width : width + length] = torch.randint(5, 3000, (length,))
+        attention_mask[row, width - len(prompt) : width + length] = 1
+        completion_mask[row, width : width + length] = 1
+    args = (input_ids, attention_mask, completion_mask)
+    fast = token_logps(model, *args, temperature=0.7, with_entropy=True)
+    with _no_packing(pytest.MonkeyPatch()):
+        plain = token_logps(model, *args, temperature=0.7, with_entropy=True)
+    assert torch.allclose(fast.logps, plain.logps, atol=1e-5)
+    assert torch.allclose(fast.entropy, plain.entropy, atol=1e-5)
+    assert (fast.logps[completion_mask == 0] == 0).all()
+
+
+def test_bf16_weights_give_autocast_losses_and_fp32_grads(tiny_model):
+    model = load_policy(tiny_model)
+    masters = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss_fn = make_pairwise_loss("dpo", {"beta": 0.1})
+    batch = collate_pairs(_pairs(), pad_id=0)
+    batch["ref_logps"] = torch.tensor([[-80.0, -40.0], [-30.0, -90.0], [-60.0, -61.0]])
+    with autocast(enabled=True):
+        loss_autocast, metrics_autocast = loss_fn(model, batch)
+    loss_autocast.backward()
+    grads_autocast = _grads(model)
+    model.zero_grad()
+    with bf16_compute(model, enabled=True):
+        with autocast(enabled=True):
+            loss_fast, metrics_fast = loss_fn(model, batch)
+        loss_fast.backward()
+    fast, slow = float(loss_fast.detach()), float(loss_autocast.detach())
+    assert abs(fast - slow) < 2e-2 * max(1.0, slow)
+    for key in ("rewards/chosen", "rewards/rejected"):
+        if key in metrics_autocast:
+            assert abs(float(metrics_fast[key]) - float(metrics_autocast[key])) < 0.05
+    for name, parameter in model.named_parameters():
+        assert parameter.dtype == torch.float32
+        assert torch.equal(parameter.detach(), masters[name])
+        assert parameter.grad.dtype == torch.float32
+        cosine = torch.nn.functional.cosine_similarity(
+            parameter.grad.flatten(), grads_autocast[name].flatten(), dim=0
+        )
+        assert cosine > 0.98, (name, float(cosine))
+
+
+def test_bf16_weights_accumulate_into_existing_grads(tiny_model):
+    model = load_policy(tiny_model)
+    ids = torch.randint(5, 3000, (2, 9))
+    mask = torch.ones_like(ids)
+    for _ in range(2):
+        with bf16_compute(model, enabled=True):
+            token_logps(model, ids, mask, mask).logps.sum().backward()
+    twice = _grads(model)
+    model.zero_grad()
+    with bf16_compute(model, enabled=True):
+        token_logps(model, ids, mask, mask).logps.sum().backward()
+    for name, grad in _grads(model).items():
+        assert torch.allclose(twice[name], 2 * grad, rtol=1e-3, atol=1e-6), name
+
+
+def test_fused_adamw_matches_the_per_tensor_loop(tiny_model):
+    models = [load_policy(tiny_model), load_policy(tiny_model)]
+    optimizers = [build_optimizer(m, 1e-3, 0.01, 0, 10)[0] for m in models]
+    use_fused_adam(optimizers[1])
+    assert optimizers[1].param_groups[0]["fused"] is True
+    assert not optimizers[0].param_groups[0]["fused"]
+    torch.manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in models[0].parameters()]
+        for model, optimizer in zip(models, optimizers, strict=True):
+            for parameter, grad in zip(model.parameters(), grads, strict=True):
+                parameter.grad = grad.clone()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_reference_scoring_grouped_by_prompt_matches_one_row_at_a_time(tiny_model):
+    model = load_policy(tiny_model)
+    sequences = [(p.prompt_ids, ids) for p in _pairs(3) for ids in (p.chosen_ids, p.rejected_ids)]
+    together = score_sequences(model, sequences, pad_id=0, batch_size=4, bf16=False)
+    alone = torch.cat(
+        [score_sequences(model, [s], pad_id=0, batch_size=1, bf16=False) for s in sequences]
+    )
+    assert torch.allclose(together, alone, atol=1e-4)
+    fast = score_sequences(model, sequences, pad_id=0, batch_size=4, bf16=True)
+    assert torch.allclose(fast, alone, rtol=2e-2, atol=0.5)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def _dpo_losses(tiny_model, data, out) -> list[float]:
+    config = load_config(
+        dpo.Config,
+        "dpo",
+        None,
+        [
+            f"model={tiny_model}",
+            f"data={data}",
+            f"output_dir={out}",
+            "max_steps=4",
+            "batch_size=4",
+            "lr=1e-3",
+            "bf16=true",
+        ],
+    )
+    dpo.run(config)
+    with open(out / "metrics.csv") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+def test_dpo_run_fast_paths_match_plain_run(tiny_model, separable_prefs, tmp_path, monkeypatch):
+    """The recipe end to end: packing + bf16 weights + fused AdamW vs none of them."""
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache-fast"))
+    fast = _dpo_losses(tiny_model, separable_prefs, tmp_path / "fast")
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache-plain"))
+    monkeypatch.setattr(logprobs, "_PACKING_GAIN", 0.0)
+    monkeypatch.setattr(loop, "use_fused_adam", lambda optimizer: None)
+
+    @contextlib.contextmanager
+    def autocast_only(model, enabled=None):
+        yield
+
+    monkeypatch.setattr(loop, "bf16_compute", autocast_only)
+    monkeypatch.setattr("alignkit.reference.bf16_compute", autocast_only)
+    plain = _dpo_losses(tiny_model, separable_prefs, tmp_path / "plain")
+    assert len(fast) == len(plain) == 4
+    for got, expected in zip(fast, plain, strict=True):
+        assert abs(got - expected) < 2e-2, (fast, plain)
+
+
+def test_runtime_env_preloads_the_allocator_once(tmp_path):
+    library = tmp_path / "libfakemalloc.so"
+    library.write_bytes(b"")
+    env = cli.runtime_env({"ALIGNKIT_ALLOCATOR": str(library), "LD_PRELOAD": "/x/other.so"})
+    assert env is not None
+    assert env["LD_PRELOAD"] == f"{library}:/x/other.so"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert cli.runtime_env(env) is None  # the re-executed process does not loop
+    settled = {"ALIGNKIT_ALLOCATOR": "system", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert cli.runtime_env(settled) is None  # nothing to change: no re-exec
+    missing = cli.runtime_env({"ALIGNKIT_ALLOCATOR": str(tmp_path / "missing.so")})
+    assert "LD_PRELOAD" not in missing and missing["OMP_WAIT_POLICY"] == "PASSIVE"
+    found = cli.find_allocator({})
+    assert found is None or os.path.isfile(found)
