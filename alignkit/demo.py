@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import importlib
 import json
-import math
 import os
 import shutil
 import time
@@ -19,6 +18,15 @@ from rich.console import Console
 
 from alignkit.config import check, doc
 from alignkit.errors import InputError
+from alignkit.eval.demo_support import (
+    Stopwatch,
+    choose_threads,
+    finished_summary,
+    make_config,
+    release_memory,
+    reward_gold_agreement,
+    sample_completions,
+)
 from alignkit.models import EMBEDDED_MODEL
 
 console = Console(stderr=True, soft_wrap=True)
@@ -110,113 +118,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "\n".join(lines)
     parser.add_argument("--quick", action="store_true", help="the ~5 minute version (CI)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue a stopped run in output_dir"
+    )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of key: value settings")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. output_dir=runs/demo task=harmless"
     )
 
 
-# --- small pieces ---
-
-
-def choose_threads(requested: int) -> int:
-    """``requested``, or the cores not busy right now (at least 1).
-
-    Two threads on a machine whose other processes keep both cores busy wait on each
-    other at every barrier: measured here, one thread was 5x faster under load.
-    """
-    cores = os.cpu_count() or 1
-    if requested > 0:
-        return requested
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, int(round(cores - busy))))
-
-
-class Stopwatch:
-    """Wall and CPU seconds of each named stage, written to ``timings.json``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.stages = path, {}
-
-    def __call__(self, name: str) -> _Stage:
-        return _Stage(self, name)
-
-    def record(self, name: str, wall: float, cpu: float) -> None:
-        self.stages[name] = {"wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2)}
-        self.path.write_text(json.dumps(self.stages, indent=2))
-        console.print(f"[bold]{name}[/bold] done in {wall:.1f} s (cpu {cpu:.1f} s)")
-
-
-class _Stage:
-    def __init__(self, watch: Stopwatch, name: str) -> None:
-        self.watch, self.name = watch, name
-
-    def __enter__(self) -> _Stage:
-        console.rule(self.name)
-        self.wall, self.cpu = time.time(), time.process_time()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        wall, cpu = time.time() - self.wall, time.process_time() - self.cpu
-        self.seconds = wall
-        self.watch.record(self.name, wall, cpu)
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``).
-
-    Each stage loads and drops its own models; without the trim the process keeps the
-    high-water mark of every stage resident, measured here at ~5 GB after the reward model.
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def make_config(config_cls: type, values: dict[str, Any], method: str) -> Any:
-    """``config_cls(**values)`` keeping only keys it has (recipes evolve), validated."""
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    dropped = sorted(set(values) - names)
-    if dropped:
-        console.print(f"note: {method} has no keys {dropped}; they keep their defaults")
-    config = config_cls(**{k: v for k, v in values.items() if k in names})
-    if hasattr(config, "validate"):
-        config.validate()
-    return config
-
-
-def sample_completions(
-    model_dir: str, prompts: list, k: int, max_new_tokens: int, temperature: float, seed: int
-) -> list[list[str]]:
-    """``k`` completions per prompt from the model at ``model_dir``."""
-    from alignkit.models import load_policy, load_tokenizer
-    from alignkit.recipes.online import encode_prompts, rollout_seed
-    from alignkit.rollout import SamplingParams, generate
-
-    tokenizer = load_tokenizer(model_dir, padding_side="left")
-    model = load_policy(model_dir).eval().requires_grad_(False)
-    ids = encode_prompts(tokenizer, prompts, 128)
-    out: list[list[str]] = []
-    for batch, start in enumerate(range(0, len(ids), 16)):
-        params = SamplingParams(max_new_tokens, temperature, seed=rollout_seed(seed, batch))
-        rollout = generate(model, tokenizer, ids[start : start + 16], params, num_samples=k)
-        texts = rollout.completions
-        out += [texts[i * k : (i + 1) * k] for i in range(len(texts) // k)]
-    return out
-
-
 # --- stages ---
 
 
-def run_sft(s: DemoSettings, task: Any, out: Path, watch: Stopwatch) -> str:
+def run_sft(s: DemoSettings, task: Any, out: Path, watch: Stopwatch, resume: bool) -> str:
     """SFT on the task's train prompts with the gold judge's pick of k samples each."""
     from alignkit.feedback.aggregate import write_jsonl
     from alignkit.recipes import sft
+
+    if finished_summary(out / "sft", resume) is not None:
+        return str(out / "sft")
 
     with watch("sft"):
         prompts = task.prompts("train")[: s.feedback_prompts]
@@ -239,11 +159,19 @@ def run_sft(s: DemoSettings, task: Any, out: Path, watch: Stopwatch) -> str:
     return str(out / "sft")
 
 
-def run_feedback(s: DemoSettings, task: Any, start: str, out: Path, watch: Stopwatch) -> Any:
+def run_feedback(
+    s: DemoSettings, task: Any, start: str, out: Path, watch: Stopwatch, resume: bool
+) -> Any:
     """Sample k per train prompt, let the panel rank them through the store, aggregate pairs."""
     import numpy as np
 
-    from alignkit.eval.feedback_loop import make_items, run_panel, save_feedback
+    from alignkit.eval.feedback_loop import load_feedback, make_items, run_panel, save_feedback
+
+    pairs = out / "data" / "pairs.jsonl"
+    if resume and (out / "feedback.json").is_file() and pairs.is_file():
+        return load_feedback(out / "feedback.json", pairs)
+    if (out / "feedback.db").exists():  # a panel killed halfway: start the store afresh
+        (out / "feedback.db").unlink()
 
     with watch("sample"):
         prompts = task.prompts("train")[: s.feedback_prompts]
@@ -270,8 +198,15 @@ def run_feedback(s: DemoSettings, task: Any, start: str, out: Path, watch: Stopw
     return result
 
 
-def run_reward(s: DemoSettings, start: str, pairs: Path, out: Path, watch: Stopwatch) -> dict:
+def run_reward(
+    s: DemoSettings, start: str, pairs: Path, out: Path, watch: Stopwatch, resume: bool
+) -> dict:
+    """The reward model on the panel's pairs (15% held out)."""
     from alignkit.recipes import reward
+
+    done = finished_summary(out / "reward_model", resume)
+    if done is not None:
+        return done
 
     with watch("reward_model"):
         values = {
@@ -324,9 +259,15 @@ def method_values(method: str, s: DemoSettings, start: str, rm: str, out: Path) 
 
 
 def run_method(
-    method: str, s: DemoSettings, start: str, rm: str, out: Path, watch: Stopwatch
+    method: str, s: DemoSettings, start: str, rm: str, out: Path, watch: Stopwatch, resume: bool
 ) -> dict:
-    """Run one method's recipe in-process: ``{"status", "seconds", "summary" | "error"}``."""
+    """Run one method's recipe in-process: ``{"status", "seconds", "summary" | "error"}``.
+
+    On ``resume`` a method whose run directory holds a summary is not run again.
+    """
+    done = finished_summary(out / method, resume)
+    if done is not None and method in watch.stages:
+        return {"status": "ok", "seconds": watch.stages[method]["wall_seconds"], "summary": done}
     module_name, _ = METHODS[method]
     try:
         module = importlib.import_module(module_name)
@@ -403,30 +344,13 @@ def evaluate_methods(
     return json_ready(result)
 
 
-def reward_gold_agreement(evaluation: dict[str, Any], min_gap: float = 0.1) -> float:
-    """How often the reward model orders two completions of the same prompt as gold does.
+def run_demo(s: DemoSettings, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """The whole loop; returns the evaluation with the demo's extras (also in ``results.json``).
 
-    Pairs are all evaluated samples (reference and every method) of one prompt whose gold
-    scores differ by more than ``min_gap``; across prompts the comparison would mostly
-    measure the prompts' own sentiment, which a within-prompt reward model never learns.
+    ``resume`` continues a killed run in the same ``output_dir`` with the same settings:
+    finished stages (those with a ``summary.json``, the panel's ``feedback.json``) are
+    kept, the rest runs; the evaluation and the report are always redone.
     """
-    by_prompt: dict[int, list[dict[str, Any]]] = {}
-    for system in [evaluation["reference_metrics"], *evaluation["policies"]]:
-        for row in system.get("samples", []):
-            if "reward" in row:
-                by_prompt.setdefault(row["prompt_index"], []).append(row)
-    agree = total = 0
-    for rows in by_prompt.values():
-        for i, a in enumerate(rows):
-            for b in rows[i + 1 :]:
-                if abs(a["gold"] - b["gold"]) > min_gap:
-                    total += 1
-                    agree += (a["gold"] > b["gold"]) == (a["reward"] > b["reward"])
-    return agree / total if total else math.nan
-
-
-def run_demo(s: DemoSettings, overwrite: bool = False) -> dict[str, Any]:
-    """The whole loop; returns the evaluation with the demo's extras (also in ``results.json``)."""
     import torch
 
     from alignkit.eval.cli import print_table
@@ -438,24 +362,37 @@ def run_demo(s: DemoSettings, overwrite: bool = False) -> dict[str, Any]:
     s.validate()
     task = get_task(s.task)
     out = Path(s.output_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError("already exists; pass --overwrite to replace it", path=str(out))
-    shutil.rmtree(out, ignore_errors=True)
-    (out / "data").mkdir(parents=True)
+    settings_file = out / "settings.json"
+    settings = {**dataclasses.asdict(s), "quick": isinstance(s, QuickDemoSettings)}
+    if resume:
+        if not settings_file.is_file():
+            raise InputError("nothing to resume (no settings.json)", path=str(out))
+        if json.loads(settings_file.read_text()) != settings:
+            raise InputError(
+                "was run with other settings; resume with the same ones", path=str(out)
+            )
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(
+            "already exists; pass --overwrite to replace it or --resume to continue", path=str(out)
+        )
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        (out / "data").mkdir(parents=True)
+        settings_file.write_text(json.dumps(settings, indent=2))
     threads = choose_threads(s.threads)
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the recipes' set_threads() respects it
-    watch = Stopwatch(out / "timings.json")
+    watch = Stopwatch(out / "timings.json", resume)
     started = time.time()
     console.print(f"demo: {s.task} on {s.model}, {threads} thread(s), into {out}")
     base = resolve_model(s.model)
     # 1. SFT (optional), 2. sample + panel + pairs, 3. reward model
-    start = run_sft(s, task, out, watch) if s.sft else base
-    feedback = run_feedback(s, task, start, out, watch)
-    reward_summary = run_reward(s, start, feedback.pairs_path, out, watch)
+    start = run_sft(s, task, out, watch, resume) if s.sft else base
+    feedback = run_feedback(s, task, start, out, watch, resume)
+    reward_summary = run_reward(s, start, feedback.pairs_path, out, watch, resume)
     rm = str(out / "reward_model")
     # 4. every method, 5. evaluation against the starting policy
-    runs = {m: run_method(m, s, start, rm, out, watch) for m in s.method_list()}
+    runs = {m: run_method(m, s, start, rm, out, watch, resume) for m in s.method_list()}
     evaluation = evaluate_methods(s, task, start, rm, runs, out, watch)
     evaluation["demo"] = {
         "settings": dataclasses.asdict(s),
@@ -463,7 +400,9 @@ def run_demo(s: DemoSettings, overwrite: bool = False) -> dict[str, Any]:
         "threads": threads,
         "reward_model": {**reward_summary, "gold_agreement": reward_gold_agreement(evaluation)},
         "feedback": {"pairs": feedback.num_pairs, "excluded": feedback.excluded},
-        "wall_seconds": round(time.time() - started, 1),
+        "wall_seconds": round(sum(v["wall_seconds"] for v in watch.stages.values()), 1),
+        "cpu_seconds": round(sum(v["cpu_seconds"] for v in watch.stages.values()), 1),
+        "resumed": resume,
     }
     (out / "results.json").write_text(json.dumps(evaluation, indent=2))
     # 6. report
@@ -484,6 +423,8 @@ def main(args: argparse.Namespace) -> int:
 
     settings_cls = QuickDemoSettings if args.quick else DemoSettings
     settings = load_config(settings_cls, None, args.config, args.overrides)
-    evaluation = run_demo(settings, overwrite=args.overwrite)
+    if args.resume and args.overwrite:
+        raise InputError("give --resume or --overwrite, not both", path="command line")
+    evaluation = run_demo(settings, overwrite=args.overwrite, resume=args.resume)
     failed = [m for m, error in evaluation["not_run"].items() if not error.endswith("not found")]
     return 1 if failed else 0

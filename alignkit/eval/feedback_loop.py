@@ -101,6 +101,23 @@ def run_panel(
     )
 
 
+def load_feedback(path: Path, pairs_path: Path) -> FeedbackResult:
+    """A :class:`FeedbackResult` back from :func:`save_feedback`'s JSON (to resume a run)."""
+    data = json.loads(path.read_text())
+    kappa = [[np.nan if v is None else v for v in row] for row in data["kappa"]]
+    return FeedbackResult(
+        pairs_path=pairs_path,
+        num_items=data["num_items"],
+        num_judgments=data["num_judgments"],
+        num_pairs=data["num_pairs"],
+        annotators=data["annotators"],
+        annotator_kinds=data["annotator_kinds"],
+        kappa=np.asarray(kappa, dtype=float),
+        excluded=data["excluded"],
+        agreement=data["agreement"],
+    )
+
+
 def save_feedback(result: FeedbackResult, path: Path) -> None:
     """The stage's summary as JSON (the report reads the kappa matrix from it)."""
     data = {
