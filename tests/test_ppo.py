@@ -106,12 +106,39 @@ def test_resume_after_a_kill_gives_identical_weights(tiny_model, tmp_path, monke
     assert (out / "metrics.csv").read_text() == (straight / "metrics.csv").read_text()
 
 
-def test_separate_critic_reward_norm_penalty_and_early_stop(tiny_model, tmp_path):
+@pytest.fixture
+def reward_model_dir(tiny_model, tmp_path):
+    """A (random) reward model directory: the tiny model's backbone with a scalar head."""
+    from alignkit.models import load_reward_backbone, load_tokenizer
+
+    torch.manual_seed(1)
+    path = tmp_path / "rm"
+    load_reward_backbone(tiny_model).save_pretrained(path)
+    load_tokenizer(tiny_model).save_pretrained(path)
+    return path
+
+
+def test_separate_critic_starts_from_the_reward_model(tiny_model, reward_model_dir):
+    from alignkit.models import load_policy
+
+    policy = load_policy(tiny_model)
+    critic = ppo.build_critic("separate", policy, str(reward_model_dir), tiny_model)
+    head = load_file(reward_model_dir / "model.safetensors")["score.weight"]
+    assert torch.equal(critic.model.score.weight.detach(), head)
+    fresh = ppo.build_critic("separate", policy, "task:sentiment", tiny_model)
+    assert not torch.equal(fresh.model.score.weight.detach(), head)
+    input_ids = torch.tensor([[1, 2, 3, 4]])
+    values = critic(input_ids, torch.ones_like(input_ids))
+    assert values.shape == (1, 4) and torch.isfinite(values).all()
+
+
+def test_separate_critic_reward_norm_penalty_and_early_stop(tiny_model, tmp_path, reward_model_dir):
     summary, out = run_ppo(
         tiny_model,
         tmp_path,
         "separate",
         max_steps=2,
+        reward=str(reward_model_dir),
         critic="separate",
         reward_norm="true",
         missing_eos="subtract",

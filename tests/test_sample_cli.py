@@ -69,6 +69,12 @@ def test_sample_a_prompts_file_with_chat_rows_and_resume(tiny_model, tmp_path):
     resumed = tmp_path / "resumed.jsonl"
     assert run_cli(args[:-1] + [f"output={resumed}", "--resume"]) == 0
     assert resumed.read_text() == out.read_text()
+    # half a batch written: that batch is sampled again, not duplicated
+    partial = tmp_path / "half.jsonl.partial"
+    partial.write_text(lines[0] + "\n")
+    half = tmp_path / "half.jsonl"
+    assert run_cli(args[:-1] + [f"output={half}", "--resume"]) == 0
+    assert half.read_text() == out.read_text()
 
 
 def test_existing_output_needs_overwrite(tiny_model, tmp_path, capsys):

@@ -175,13 +175,13 @@ class PromptSampler:
         self.num_prompts = num_prompts
         self.batch_size = batch_size
         self.seed = seed
-        self._orders: dict[int, list[int]] = {}
+        self._epoch, self._permutation = -1, []  # the last epoch's order, reused
 
     def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
+        if epoch != self._epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            self._orders = {epoch: rng.permutation(self.num_prompts).tolist()}
-        return self._orders[epoch]
+            self._epoch, self._permutation = epoch, rng.permutation(self.num_prompts).tolist()
+        return self._permutation
 
     def indices(self, step: int) -> list[int]:
         """Prompt indices of step ``step`` (>= 1)."""
@@ -279,9 +279,11 @@ def evaluate_policy(
     completions, prompt_list = rollout.completions, list(prompts)
     metrics = {"eval/length": float(rollout.completion_lengths.float().mean())}
     if reward_fn is not None:
-        metrics["eval/reward"] = float(torch.as_tensor(reward_fn(prompt_list, completions)).mean())
+        metrics["eval/reward"] = float(
+            call_reward(reward_fn, prompt_list, completions, "reward").mean()
+        )
     if gold_fn is not None:
-        metrics["eval/gold"] = float(torch.as_tensor(gold_fn(prompt_list, completions)).mean())
+        metrics["eval/gold"] = float(call_reward(gold_fn, prompt_list, completions, "gold").mean())
     if reference is not None:
         was_training = policy.training
         policy.eval()

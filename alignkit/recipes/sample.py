@@ -73,18 +73,16 @@ def load_prompts(config: Config) -> list[Prompt]:
     return prompts[: config.limit] if config.limit else prompts
 
 
-def _done_rows(partial: Path) -> int:
-    """Complete lines already in a partial output (a torn last line is dropped)."""
-    lines = partial.read_text().split("\n")
+def _complete_lines(partial: Path) -> list[str]:
+    """The lines of a partial output up to the first torn (unparseable) one."""
     complete = []
-    for line in lines:
+    for line in partial.read_text().split("\n"):
         try:
             json.loads(line)
         except json.JSONDecodeError:
             break
         complete.append(line)
-    partial.write_text("".join(line + "\n" for line in complete))
-    return len(complete)
+    return complete
 
 
 def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
@@ -105,13 +103,10 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     model = load_policy(config.model)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
-    start = _done_rows(partial) if resume and partial.is_file() else 0
-    start -= start % config.batch_size  # whole batches only, so a resumed run samples the same
-    if not resume or not partial.is_file():
-        partial.write_text("")
-    elif start:
-        lines = partial.read_text().split("\n")[:start]
-        partial.write_text("".join(line + "\n" for line in lines))
+    # resume keeps whole batches only, so the rest is sampled with the same seeds
+    done = _complete_lines(partial) if resume and partial.is_file() else []
+    start = len(done) - len(done) % config.batch_size
+    partial.write_text("".join(line + "\n" for line in done[:start]))
 
     # 1. sample batch by batch, 2. score, 3. append rows
     started, tokens = time.time(), 0
@@ -130,13 +125,11 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     "completions": rollout.completions[rows],
                 }
                 if scores is not None:
-                    record["scores"] = [round(float(s), 6) for s in scores[rows]]
+                    record["scores"] = [round(float(s), 6) + 0.0 for s in scores[rows]]
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             handle.flush()
-            done = batch[-1] + 1
-            print(
-                f"sample: {done}/{len(prompts)} prompts, {tokens / (time.time() - started):.1f} tok/s"
-            )
+            rate = tokens / (time.time() - started)
+            print(f"sample: {batch[-1] + 1}/{len(prompts)} prompts, {rate:.1f} tok/s")
     partial.replace(output)
     summary = {
         "prompts": len(prompts),
