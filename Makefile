@@ -36,9 +36,22 @@ test: install lint
 	# Two workers share two cores: idle OpenMP threads must sleep, not spin (34x slower otherwise).
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
 
-bench: install
-	$(BIN)/python -m pip install -q 'trl==1.16.*'
-	$(BIN)/python benchmarks/run.py
+# TRL goes into its own venv (.venv-bench) that sees the project's packages through a
+# .pth file, so the project's venv never changes; the peer runs there as a subprocess.
+BENCH_VENV := .venv-bench
+BENCH_ARGS ?=
+
+$(BENCH_VENV)/.installed: $(STAMP)
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BIN)/python -c "import sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" \
+		> "$$($(BENCH_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_alignkit_project_venv.pth"
+	$(BENCH_VENV)/bin/python -m pip install -q --no-deps 'trl==1.16.*'
+	$(BENCH_VENV)/bin/python -c "import trl, torch; print('trl', trl.__version__, 'torch', torch.__version__)"
+	touch $@
+
+bench: install $(BENCH_VENV)/.installed
+	-bash scripts/install-allocator.sh
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
