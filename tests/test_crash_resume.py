@@ -211,3 +211,62 @@ def test_ppo_checkpoint_holds_value_head_kl_controller_and_rollout_seed(
     assert extra["kl_controller"]["value"] != 0.05  # it moved from kl_coef
     assert extra["reward_stats"]["count"] == 2 * 2 * 2  # 2 steps x 2 prompts x 2 samples
     assert extra["next_rollout_seed"] == rollout_seed(0, 3)
+
+
+_KILL_DURING = """
+import os, signal, sys
+import torch
+from alignkit.training import checkpoint
+
+out, when = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 4)
+optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+for step in (1, 2, 3):
+    with torch.no_grad():
+        model.weight.fill_(float(step))
+    if step == 3:
+        die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+        if when == "write":  # the weights are in the staging directory, state.pt is not
+            checkpoint.torch.save = die
+        else:  # the new checkpoint is in place; pruning the oldest is under way
+            checkpoint.shutil.rmtree = die
+    checkpoint.save_checkpoint(out, step, model, optimizer, scheduler, keep_last=2)
+"""
+
+
+@pytest.mark.parametrize("when", ["write", "prune"])
+def test_a_kill_inside_save_checkpoint_leaves_the_previous_ones_valid(when, tmp_path):
+    """SIGKILL while checkpoint 3 is being written (or while checkpoint 1 is being pruned):
+    the complete checkpoints still load, the debris is never listed, and the next save
+    sweeps it away."""
+    from alignkit.training.checkpoint import (
+        latest_checkpoint,
+        list_checkpoints,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_DURING, str(out), when], env=env, capture_output=True
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    debris = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert debris, "the kill left nothing half-done: it came too late"
+    expected = ["step-000001", "step-000002"] if when == "write" else ["step-000002", "step-000003"]
+    assert [p.name for p in list_checkpoints(out)] == expected
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    step, _ = load_checkpoint(latest_checkpoint(out), model, optimizer, scheduler)
+    assert step == int(expected[-1][-1])
+    assert torch.equal(model.weight, torch.full((4, 4), float(step)))
+    save_checkpoint(out, 4, model, optimizer, scheduler, keep_last=2)
+    left = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert left == [expected[-1], "step-000004"]

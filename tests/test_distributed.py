@@ -243,3 +243,49 @@ def test_online_recipes_two_processes_match_one(name, tiny_model, tmp_path, caps
     )
     for key in want_w:
         assert torch.allclose(have_w[key], want_w[key], atol=1e-5), key
+
+
+def test_optimizer_state_converts_between_numbered_and_named_forms(tiny_model):
+    """A checkpoint from one process (parameters numbered) resumes under FSDP2 (parameters
+    named) and back: the conversion keeps every moment and hyperparameter."""
+    from alignkit.models import load_policy
+    from alignkit.training.checkpoint import optimizer_state_by_index, optimizer_state_by_name
+    from alignkit.training.optim import build_optimizer
+
+    model = load_policy(tiny_model)
+    optimizer, _ = build_optimizer(model, 1e-3, 0.1, 0, 10)
+    model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    optimizer.step()
+    numbered = optimizer.state_dict()
+    named = optimizer_state_by_name(numbered, model, optimizer)
+    assert "model.embed_tokens.weight" in named["state"]
+    embed = dict(model.named_parameters())["model.embed_tokens.weight"]
+    assert torch.equal(
+        named["state"]["model.embed_tokens.weight"]["exp_avg"], optimizer.state[embed]["exp_avg"]
+    )
+    assert named["param_groups"][0]["weight_decay"] == 0.1
+    back = optimizer_state_by_index(named, model, optimizer)
+    assert back["state"].keys() == numbered["state"].keys()
+    for key, moments in numbered["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(back["state"][key][name], value)
+    assert [g["params"] for g in back["param_groups"]] == [
+        g["params"] for g in numbered["param_groups"]
+    ]
+    optimizer.load_state_dict(back)  # loads as a plain state dict
+
+
+def test_online_batch_that_does_not_split_is_refused_before_any_file(tiny_model, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    overrides = toy_overrides(tiny_model, prompts, out, prompts_per_step=4, distributed="ddp")
+    # 4 prompts x 1 sample in 4 minibatches: 1 row each, which 2 ranks cannot share
+    args = ["ppo", *overrides, "samples_per_prompt=1", "num_minibatches=4", "max_steps=1"]
+    result = _torchrun(args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("alignkit:")]
+    assert lines and "field 'num_minibatches'" in lines[0], result.stderr[-2000:]
+    assert "do not split evenly over 2 processes" in lines[0]
+    assert len(lines) == 2  # one line from each rank; the launcher's own report follows
+    assert "/alignkit/" not in result.stderr  # no traceback from alignkit's code
+    assert not out.exists()

@@ -30,6 +30,7 @@ from alignkit.recipes.dpo import make_pairwise_loss
 from alignkit.recipes.online import OnlineConfig
 from alignkit.recipes.online_run import OnlineRun
 from alignkit.recipes.policy_gradient import optimizer_update
+from alignkit.training.distributed import require_split
 from alignkit.training.optim import check_finite
 
 PairwiseLossName = Literal["dpo", "cdpo", "rdpo", "ipo", "hinge", "simpo", "orpo", "rpo"]
@@ -93,11 +94,11 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         resume=resume,
         desc=f"online-{config.loss}",
         states={},
+        check_job=lambda job: require_split(job, config.batch_size, "batch_size"),
     )
     policy, inputs, bf16 = session.policy, session.inputs, session.bf16
     params = [p for p in policy.parameters() if p.requires_grad]
     n, job = config.samples_per_prompt, session.job
-    session.require_split(config.batch_size, "batch_size")
     spec = PAIRWISE_LOSS_SPECS[config.loss]
     compute_loss = make_pairwise_loss(
         config.loss,

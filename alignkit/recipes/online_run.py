@@ -141,16 +141,21 @@ class OnlineRun:
         resume: bool,
         desc: str,
         states: dict[str, Any],
+        check_job: Callable[[Distributed], None] | None = None,
     ) -> OnlineRun:
         """Validate every input, then load models, build the optimizer, prepare the run
         directory, resume from its last checkpoint when asked, and evaluate the starting
         policy (logged as step 0). ``build_trainable(policy)`` returns the module whose
-        parameters are trained (the policy itself, or the policy with a critic)."""
+        parameters are trained (the policy itself, or the policy with a critic).
+        ``check_job(job)`` refuses settings that do not split over the ranks, before any
+        file is touched."""
         started = time.time()
         set_threads()
         # 0. every input is validated before any compute or any file is touched
         inputs = load_run_inputs(config)
         job = setup(config.distributed, config.prompts_per_step, "prompts_per_step")
+        if check_job is not None:
+            check_job(job)
         check_output_dir(config.output_dir, overwrite, resume)
         job.barrier()  # every rank has checked before rank 0 creates or replaces it
         seed_everything(config.seed)
@@ -229,17 +234,6 @@ class OnlineRun:
             gold=None if gold is None else torch.cat([s.gold for s, _ in parts]),
         )
         return merged, {key: torch.cat([extra[key] for _, extra in parts]) for key in per_row}
-
-    def require_split(self, count: int, field: str) -> None:
-        """Under several ranks ``count`` (a per-update batch) must split evenly."""
-        from alignkit.errors import InputError
-
-        if self.job.enabled and count % self.job.world_size:
-            raise InputError(
-                f"{count} does not split evenly over {self.job.world_size} processes",
-                path="config",
-                field=field,
-            )
 
     def local_prompts(self, step: int) -> tuple[list[int], int | None]:
         """(this rank's prompt indices of step ``step``, the global index of its first row).

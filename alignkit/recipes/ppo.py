@@ -187,6 +187,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     else:
         kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
     reward_stats = RunningMoments()
+    rows = config.prompts_per_step * config.samples_per_prompt
 
     def build_trainable(policy: nn.Module) -> nn.Module:
         critic = build_critic(config.critic, policy, config.reward, config.model)
@@ -199,12 +200,11 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         resume=resume,
         desc="ppo",
         states={"kl_controller": kl_controller, "reward_stats": reward_stats},
+        check_job=lambda job: check_minibatch_split(job, rows, config.num_minibatches),
     )
     policy, critic, inputs = session.policy, session.trainable.critic, session.inputs
     params = [p for p in session.trainable.parameters() if p.requires_grad]
-    bf16, rows = session.bf16, config.prompts_per_step * config.samples_per_prompt
-    job, pad_id = session.job, inputs.tokenizer.pad_token_id
-    check_minibatch_split(job, rows, config.num_minibatches)
+    bf16, job, pad_id = session.bf16, session.job, inputs.tokenizer.pad_token_id
     stop = None
 
     for step in range(session.start_step + 1, config.max_steps + 1):

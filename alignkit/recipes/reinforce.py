@@ -122,6 +122,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     algo, k, kl_coef = config.algo, config.samples_per_prompt, config.kl_coef
     kl_in_loss = config.kl_placement() == "loss"
     baseline = MovingBaseline(config.baseline_decay)
+    rows = config.prompts_per_step * k
     session = OnlineRun.start(
         config,
         lambda policy: policy,
@@ -129,12 +130,11 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         resume=resume,
         desc=algo,
         states={"baseline": baseline},
+        check_job=lambda job: check_minibatch_split(job, rows, config.num_minibatches),
     )
     policy, inputs, bf16 = session.policy, session.inputs, session.bf16
     params = [p for p in policy.parameters() if p.requires_grad]
-    rows, stop = config.prompts_per_step * k, None
-    job, pad_id = session.job, inputs.tokenizer.pad_token_id
-    check_minibatch_split(job, rows, config.num_minibatches)
+    stop, job, pad_id = None, session.job, inputs.tokenizer.pad_token_id
 
     for step in range(session.start_step + 1, config.max_steps + 1):
         lr = session.scheduler.get_last_lr()[0]

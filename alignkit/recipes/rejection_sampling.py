@@ -22,6 +22,7 @@ from alignkit.recipes.online import OnlineConfig
 from alignkit.recipes.online_run import OnlineRun
 from alignkit.recipes.policy_gradient import optimizer_update
 from alignkit.recipes.sft import sft_loss
+from alignkit.training.distributed import require_split
 from alignkit.training.optim import check_finite
 
 
@@ -89,12 +90,17 @@ def sft_batches(
 
 def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     session = OnlineRun.start(
-        config, lambda policy: policy, overwrite=overwrite, resume=resume, desc="rsft", states={}
+        config,
+        lambda policy: policy,
+        overwrite=overwrite,
+        resume=resume,
+        desc="rsft",
+        states={},
+        check_job=lambda job: require_split(job, config.batch_size, "batch_size"),
     )
     policy, inputs, bf16 = session.policy, session.inputs, session.bf16
     params = [p for p in policy.parameters() if p.requires_grad]
     n, job = config.samples_per_prompt, session.job
-    session.require_split(config.batch_size, "batch_size")
 
     for step in range(session.start_step + 1, config.max_steps + 1):
         # 1. sample n completions per prompt from the current policy  2. score them

@@ -135,6 +135,42 @@ def read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str,
     return step, weights, state
 
 
+def optimizer_state_by_name(
+    state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (the form FSDP2 saves and loads); a
+    plain ``optimizer.state_dict()`` numbers the parameters in ``param_groups`` order."""
+    if all(isinstance(key, str) for key in state["state"]):
+        return state
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    # the kernel choice (fused/foreach) stays the loading optimizer's own
+    groups = [
+        {
+            **{k: v for k, v in group.items() if k not in ("fused", "foreach")},
+            "params": [order[i] for i in group["params"]],
+        }
+        for group in state["param_groups"]
+    ]
+    return {"state": {order[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
+def optimizer_state_by_index(
+    state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """The inverse of :func:`optimizer_state_by_name`: the form ``load_state_dict`` takes."""
+    if all(isinstance(key, int) for key in state["state"]):
+        return state
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    groups = [
+        {**group, "params": [index[name] for name in group["params"]]}
+        for group in state["param_groups"]
+    ]
+    return {"state": {index[k]: v for k, v in state["state"].items()}, "param_groups": groups}
+
+
 def load_checkpoint(
     path: Path,
     model: torch.nn.Module,
@@ -154,7 +190,7 @@ def load_checkpoint(
             f"checkpoint does not match the model (missing {missing[0]})", path=str(path)
         )
     if load_state is not None:
-        load_state(weights, state["optimizer"])
+        load_state(weights, optimizer_state_by_name(state["optimizer"], model, optimizer))
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         return step, state["extra"]
@@ -162,7 +198,7 @@ def load_checkpoint(
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(optimizer_state_by_index(state["optimizer"], model, optimizer))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return step, state["extra"]

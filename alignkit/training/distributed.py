@@ -250,6 +250,16 @@ def _fsdp_no_sync(module: nn.Module) -> Iterator[None]:
         module.set_requires_gradient_sync(True)
 
 
+def require_split(job: Distributed, count: int, field: str) -> None:
+    """Under several ranks ``count`` (a per-update batch) must split evenly."""
+    if job.enabled and count % job.world_size:
+        raise InputError(
+            f"{count} does not split evenly over {job.world_size} processes",
+            path="config",
+            field=field,
+        )
+
+
 def setup(mode: str, batch_size: int, field: str = "batch_size") -> Distributed:
     """Join the process group that ``torchrun`` describes in the environment, if any."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
