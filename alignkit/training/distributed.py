@@ -19,6 +19,7 @@ format as a single-process run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,12 +83,15 @@ class Distributed:
         return index.tensor_split(self.world_size)[self.rank]
 
     def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` (picklable: CPU tensors, lists), in rank order."""
+        """Every rank's ``obj`` (tensors, lists, dicts, dataclasses of them), in rank order.
+
+        Tensors travel through the CPU and arrive on this rank's device (a pickled CUDA
+        tensor would otherwise land on the sender's GPU)."""
         if not self.enabled:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        dist.all_gather_object(out, _moved(obj, torch.device("cpu")))
+        return [_moved(part, _device()) for part in out]
 
     def weighted_sum(
         self, values: dict[str, float], weights: dict[str, float] | float
@@ -102,7 +106,7 @@ class Distributed:
         keys = sorted(values)
         share = [weights if isinstance(weights, float) else weights[k] for k in keys]
         scaled = [values[k] * w for k, w in zip(keys, share, strict=True)]
-        packed = torch.tensor(scaled, dtype=torch.float64)
+        packed = torch.tensor(scaled, dtype=torch.float64, device=_device())
         dist.all_reduce(packed)
         summed = {k: float(v) for k, v in zip(keys, packed, strict=True)}
         return {k: summed[k] for k in values}
@@ -110,7 +114,7 @@ class Distributed:
     def max(self, value: float) -> float:
         if not self.enabled:
             return value
-        packed = torch.tensor([value], dtype=torch.float64)
+        packed = torch.tensor([value], dtype=torch.float64, device=_device())
         dist.all_reduce(packed, op=dist.ReduceOp.MAX)
         return float(packed)
 
@@ -212,13 +216,35 @@ class Distributed:
         if not self.enabled or not values:
             return values
         keys = sorted(values)
-        packed = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        # NCCL reduces only GPU tensors
+        packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_device())
         dist.all_reduce(packed)
         return {k: float(v) / self.world_size for k, v in zip(keys, packed, strict=True)}
 
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+def _device() -> torch.device:
+    """Where this rank's collectives run: its GPU under NCCL, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _moved(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor inside (lists, tuples, dicts, dataclasses) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _moved(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_moved(v, device) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: _moved(getattr(obj, f.name), device) for f in dataclasses.fields(obj)}
+        return dataclasses.replace(obj, **changes)
+    return obj
 
 
 def _decoder_layers(module: nn.Module) -> list[nn.Module]:
