@@ -58,22 +58,29 @@ def _torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProces
     )
 
 
-@pytest.mark.parametrize(
-    ("command", "mode"), [("dpo", "ddp"), ("reward", "ddp"), ("dpo", "fsdp"), ("reward", "fsdp")]
-)
-def test_two_processes_match_one(command, mode, tiny_model, separable_prefs, tmp_path, capsys):
+OFFLINE = [("dpo", "ddp"), ("reward", "ddp"), ("dpo", "fsdp"), ("reward", "fsdp"), ("sft", "fsdp")]
+
+
+@pytest.mark.parametrize(("command", "mode"), OFFLINE)
+def test_two_processes_match_one(
+    command, mode, tiny_model, separable_prefs, sft_data, tmp_path, capsys
+):
     """DDP replicates, FSDP2 shards (each decoder layer a group); both follow one process,
-    and FSDP2 still writes a plain HF directory and full-tensor checkpoints from rank 0."""
+    and FSDP2 still writes a plain HF directory and full-tensor checkpoints from rank 0.
+    SFT's loss is a token mean: each rank's share of the tokens weights its loss (with
+    2 accumulated micro-batches, FSDP2's gradient sync is skipped on the first)."""
+    data = sft_data if command == "sft" else separable_prefs
     args = [
         command,
         f"model={tiny_model}",
-        f"data={separable_prefs}",
+        f"data={data}",
         "max_steps=4",
         "batch_size=4",
         "lr=1e-3",
         "bf16=false",
         "eval_fraction=0.25",  # evaluation runs through the sharded module too
         "save_steps=2",
+        *(["grad_accum=2"] if command == "sft" else []),
     ]
     single = tmp_path / "single"
     with pytest.raises(SystemExit) as exit_info:

@@ -35,6 +35,9 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return nll, {"tokens": float(tokens), "ppl": float(torch.exp(nll.detach()))}
 
 
+sft_loss.token_mean = True  # under torchrun each rank's loss is weighted by its tokens
+
+
 def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     started = time.time()
     start_run(config.seed)

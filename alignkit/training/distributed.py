@@ -111,6 +111,15 @@ class Distributed:
         summed = {k: float(v) for k, v in zip(keys, packed, strict=True)}
         return {k: summed[k] for k in values}
 
+    def token_share(self, tokens: float) -> float:
+        """world size x this rank's share of the tokens summed over ranks: the factor that
+        turns the ranks' average of per-rank token means into the global token mean."""
+        if not self.enabled:
+            return 1.0
+        packed = torch.tensor([tokens], dtype=torch.float64, device=_device())
+        dist.all_reduce(packed)
+        return tokens * self.world_size / max(float(packed), 1.0)
+
     def max(self, value: float) -> float:
         if not self.enabled:
             return value

@@ -9,6 +9,7 @@ Online recipes (PPO, RLOO, ...) write their own loop from the same pieces.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,12 +111,14 @@ def train_loop(
     """Run ``max_steps`` optimizer steps of ``grad_accum`` micro-batches each.
 
     Under ``torchrun`` (``job`` with several ranks) every rank takes its slice of
-    each global micro-batch, DDP averages the gradients (or FSDP2 reduce-scatters
+    each global micro-batch (a loss flagged ``token_mean`` is weighted by each rank's
+    share of the micro-batch's ``tokens`` metric), DDP averages the gradients (or FSDP2 reduce-scatters
     them into the shards), and rank 0 alone writes metrics and checkpoints.
     ``evaluate(module)`` gets the model, or under FSDP2 the sharded loss module to call
     on a batch.
     """
     job = job or Distributed()
+    token_mean = job.enabled and getattr(compute_loss, "token_mean", False)
     start_step, last_checkpoint = 0, None
     if job.sharded:
         # fully_shard replaces the parameters by sharded ones: the optimizer follows
@@ -156,9 +159,15 @@ def train_loop(
                     with bf16_compute(model, enabled=bf16_weights):
                         with autocast(enabled=bf16):
                             loss, part = runner(batch)
+                        if token_mean:
+                            # a mean over the batch's tokens: weight each rank's mean by
+                            # its share of them, so the ranks' average is the global mean
+                            loss = loss * job.token_share(float(part["tokens"]))
                         (loss / grad_accum).backward()
                 part = {"loss": float(loss.detach()), **{k: float(v) for k, v in part.items()}}
                 part = job.mean(part)
+                if token_mean and "ppl" in part:
+                    part["ppl"] = math.exp(part["loss"])
                 check_finite(part["loss"], "loss", step, last_checkpoint)
                 parts.append(part)
             lr = scheduler.get_last_lr()[0]  # the rate this step used
