@@ -1,4 +1,5 @@
-"""torchrun with 2 processes (DDP, gloo on CPU) follows the 1-process loss trajectory."""
+"""torchrun with 2 processes (gloo on CPU) follows the 1-process loss trajectory: DDP for
+the offline recipes, sharded rollouts and summed gradients for the online ones."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from alignkit.cli import main
+
+from .conftest import REPO
+from .online_toy import toy_overrides, write_prompts
 
 
 def _losses(out) -> list[float]:
@@ -18,8 +24,46 @@ def _losses(out) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(handle)]
 
 
-@pytest.mark.parametrize("command", ["dpo", "reward"])
-def test_two_processes_match_one(command, tiny_model, separable_prefs, tmp_path, capsys):
+def _rows(out) -> list[dict[str, float]]:
+    with open(out / "metrics.csv") as handle:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(handle)]
+
+
+def _torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """``alignkit ARGS`` under torchrun on loopback, one thread per process."""
+    with socket.socket() as probe:  # a free loopback port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(processes),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "-m",
+            "alignkit.cli",
+            *args,
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "mode"), [("dpo", "ddp"), ("reward", "ddp"), ("dpo", "fsdp"), ("reward", "fsdp")]
+)
+def test_two_processes_match_one(command, mode, tiny_model, separable_prefs, tmp_path, capsys):
+    """DDP replicates, FSDP2 shards (each decoder layer a group); both follow one process,
+    and FSDP2 still writes a plain HF directory and full-tensor checkpoints from rank 0."""
     args = [
         command,
         f"model={tiny_model}",
@@ -28,45 +72,42 @@ def test_two_processes_match_one(command, tiny_model, separable_prefs, tmp_path,
         "batch_size=4",
         "lr=1e-3",
         "bf16=false",
-        "eval_fraction=0",
+        "eval_fraction=0.25",  # evaluation runs through the sharded module too
+        "save_steps=2",
     ]
     single = tmp_path / "single"
     with pytest.raises(SystemExit) as exit_info:
         main([*args, f"output_dir={single}"])
     assert exit_info.value.code == 0
 
-    with socket.socket() as probe:  # a free loopback port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     double = tmp_path / "double"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(port),
-            "-m",
-            "alignkit.cli",
-            *args,
-            f"output_dir={double}",
-            "distributed=ddp",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _torchrun([*args, f"output_dir={double}", f"distributed={mode}"])
     assert result.returncode == 0, result.stderr[-2000:]
     expected, got = _losses(single), _losses(double)
     assert len(got) == len(expected) == 4
     assert got == pytest.approx(expected, abs=1e-5)
+    want, have = _rows(single)[-1], _rows(double)[-1]
+    assert have["eval/loss"] == pytest.approx(want["eval/loss"], abs=1e-5)
     assert not list(double.glob("metrics.csv.tmp"))
+    for file in ("model.safetensors", "checkpoints/step-000002/model.safetensors"):
+        want_w, have_w = load_file(single / file), load_file(double / file)
+        assert want_w.keys() == have_w.keys(), file
+        for key in want_w:
+            assert torch.allclose(have_w[key], want_w[key], atol=1e-5), (file, key)
+    if mode == "fsdp":
+        from transformers import AutoConfig
+
+        assert AutoConfig.from_pretrained(double).model_type == "llama"  # a plain HF dir
+        # resume from the step-2 checkpoint (gathered optimizer state, sharded again):
+        # the same final weights, bit for bit
+        final = load_file(double / "model.safetensors")
+        (double / "model.safetensors").unlink()
+        result = _torchrun([*args, f"output_dir={double}", f"distributed={mode}", "--resume"])
+        assert result.returncode == 0, result.stderr[-2000:]
+        resumed = load_file(double / "model.safetensors")
+        for key in final:
+            assert torch.equal(resumed[key], final[key]), key
+        assert _losses(double) == pytest.approx(expected, abs=1e-5)
 
 
 def test_launch_without_ddp_is_refused(tiny_model, separable_prefs, tmp_path, monkeypatch, capsys):
@@ -82,3 +123,169 @@ def test_launch_without_ddp_is_refused(tiny_model, separable_prefs, tmp_path, mo
         )
     assert exit_info.value.code == 2
     assert "set distributed=ddp" in capsys.readouterr().err
+
+
+def test_rows_sample_the_same_in_any_slice_of_the_batch(tiny_model, tokenizer):
+    """With ``first_row`` every row draws from its own seed: two halves of a batch, sampled
+    apart (other padding, other batch-mates), give the whole batch's tokens."""
+    from alignkit.models import load_policy
+    from alignkit.rollout import SamplingParams, generate
+
+    policy = load_policy(tiny_model)
+    prompts = [tokenizer(text)["input_ids"] for text in ("a b c d e", "x", "one two", "hi")]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_k=50, seed=11)
+    whole = generate(policy, tokenizer, prompts, params, num_samples=2, bf16=False, first_row=0)
+    first = generate(policy, tokenizer, prompts[:2], params, num_samples=2, bf16=False, first_row=0)
+    second = generate(
+        policy, tokenizer, prompts[2:], params, num_samples=2, bf16=False, first_row=4
+    )
+    assert first.completions + second.completions == whole.completions
+    assert len(set(whole.completions)) > 4  # the rows' streams differ
+    # without first_row one stream feeds the whole batch: a slice samples differently
+    plain = generate(policy, tokenizer, prompts[2:], params, num_samples=2, bf16=False)
+    assert plain.completions != second.completions
+
+
+def test_ppo_two_processes_match_one(tiny_model, tmp_path, capsys):
+    """Each rank samples 2 of the 4 prompts of a step and takes half of every minibatch;
+    scores, KL, losses and final weights follow the 1-process run of the same global batch."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    settings = {
+        "prompts_per_step": 4,
+        "samples_per_prompt": 2,
+        "max_new_tokens": 6,
+        "max_steps": 3,
+        "epochs": 2,
+        "num_minibatches": 2,
+        "kl_target": 0.01,
+        "kl_horizon": 50,
+        "save_steps": 2,
+        "distributed": "ddp",
+    }
+    args = ["ppo", *toy_overrides(tiny_model, prompts, tmp_path / "x", **settings)]
+    args = [a for a in args if not a.startswith("output_dir=")]
+    single, double = tmp_path / "single", tmp_path / "double"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, f"output_dir={single}"])
+    finally:
+        torch.set_num_threads(threads)
+    assert exit_info.value.code == 0, capsys.readouterr().err[-2000:]
+    result = _torchrun([*args, f"output_dir={double}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    expected, got = _rows(single), _rows(double)
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == [1, 2, 3]
+    keys = ("score", "reward", "kl", "kl_coef", "pg_loss", "value_loss", "approx_kl")
+    keys += ("clip_fraction", "grad_norm", "entropy", "response_length", "first_ratio_dev")
+    keys += ("explained_variance",)
+    for want, have in zip(expected, got, strict=True):
+        for key in keys:
+            assert have[key] == pytest.approx(want[key], abs=1e-5), (want["step"], key)
+    assert len({r["score"] for r in expected}) > 1  # the steps sampled differently
+    for file in ("model.safetensors", "value_head.safetensors"):
+        want_w, have_w = load_file(single / file), load_file(double / file)
+        for key in want_w:
+            assert torch.allclose(have_w[key], want_w[key], atol=1e-5), (file, key)
+    assert (double / "checkpoints" / "step-000002" / "meta.json").is_file()
+    assert not list(double.glob("*.tmp"))
+
+
+ONLINE = {
+    # recipe arguments, the metrics that must match, and a per-update batch that splits
+    "grpo": (["rl", "algo=grpo", "epochs=2", "num_minibatches=2"], ("loss", "approx_kl")),
+    "rloo": (["rl", "algo=rloo"], ("loss", "advantage_std")),
+    "rsft": (["rsft", "sft_steps=2", "batch_size=2"], ("sft_loss", "kept")),
+    "online-dpo": (
+        ["online-dpo", "dpo_steps=2", "batch_size=2", "task=sentiment", "eval_prompts=2"],
+        ("loss", "pairs", "rewards/accuracy", "eval/reward"),
+    ),
+    "dm": (["dm", "algo=brain", "proposal=adaptive", "proposal_update_every=1"], ("loss",)),
+}
+
+
+@pytest.mark.parametrize("name", list(ONLINE))
+def test_online_recipes_two_processes_match_one(name, tiny_model, tmp_path, capsys):
+    """Each rank samples half the prompts; the whole batch's scores, losses and weights
+    are those of one process (rank 0 alone evaluates and writes)."""
+    recipe, keys = ONLINE[name]
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    settings = {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 6}
+    settings |= {"max_steps": 2, "distributed": "ddp"}
+    overrides = toy_overrides(tiny_model, prompts, tmp_path / "x", **settings)
+    extra = {a.split("=")[0] for a in recipe[1:]}
+    args = [recipe[0], *recipe[1:]]
+    args += [a for a in overrides if a.split("=")[0] not in extra | {"output_dir"}]
+    single, double = tmp_path / "single", tmp_path / "double"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, f"output_dir={single}"])
+    finally:
+        torch.set_num_threads(threads)
+    assert exit_info.value.code == 0, capsys.readouterr().err[-2000:]
+    result = _torchrun([*args, f"output_dir={double}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    expected, got = _rows(single), _rows(double)
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for want, have in zip(expected, got, strict=True):
+        for key in (*keys, "score"):
+            if key in want:
+                assert have[key] == pytest.approx(want[key], abs=1e-5), (want["step"], key)
+    assert any(key in row for row in expected for key in keys[:1])  # it did update
+    want_w, have_w = (
+        load_file(single / "model.safetensors"),
+        load_file(double / "model.safetensors"),
+    )
+    for key in want_w:
+        assert torch.allclose(have_w[key], want_w[key], atol=1e-5), key
+
+
+def test_optimizer_state_converts_between_numbered_and_named_forms(tiny_model):
+    """A checkpoint from one process (parameters numbered) resumes under FSDP2 (parameters
+    named) and back: the conversion keeps every moment and hyperparameter."""
+    from alignkit.models import load_policy
+    from alignkit.training.checkpoint import optimizer_state_by_index, optimizer_state_by_name
+    from alignkit.training.optim import build_optimizer
+
+    model = load_policy(tiny_model)
+    optimizer, _ = build_optimizer(model, 1e-3, 0.1, 0, 10)
+    model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    optimizer.step()
+    numbered = optimizer.state_dict()
+    named = optimizer_state_by_name(numbered, model, optimizer)
+    assert "model.embed_tokens.weight" in named["state"]
+    embed = dict(model.named_parameters())["model.embed_tokens.weight"]
+    assert torch.equal(
+        named["state"]["model.embed_tokens.weight"]["exp_avg"], optimizer.state[embed]["exp_avg"]
+    )
+    assert named["param_groups"][0]["weight_decay"] == 0.1
+    back = optimizer_state_by_index(named, model, optimizer)
+    assert back["state"].keys() == numbered["state"].keys()
+    for key, moments in numbered["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(back["state"][key][name], value)
+    assert [g["params"] for g in back["param_groups"]] == [
+        g["params"] for g in numbered["param_groups"]
+    ]
+    optimizer.load_state_dict(back)  # loads as a plain state dict
+
+
+def test_online_batch_that_does_not_split_is_refused_before_any_file(tiny_model, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    overrides = toy_overrides(tiny_model, prompts, out, prompts_per_step=4, distributed="ddp")
+    # 4 prompts x 1 sample in 4 minibatches: 1 row each, which 2 ranks cannot share
+    args = ["ppo", *overrides, "samples_per_prompt=1", "num_minibatches=4", "max_steps=1"]
+    result = _torchrun(args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("alignkit:")]
+    assert lines and "field 'num_minibatches'" in lines[0], result.stderr[-2000:]
+    assert "do not split evenly over 2 processes" in lines[0]
+    assert len(lines) == 2  # one line from each rank; the launcher's own report follows
+    assert "/alignkit/" not in result.stderr  # no traceback from alignkit's code
+    assert not out.exists()

@@ -135,10 +135,16 @@ def sample_and_score(
     bf16: bool | None = None,
     gold_fn: RewardFn | None = None,
     reward_name: str = "reward",
+    first_row: int | None = None,
 ) -> ScoredSamples:
-    """``n`` completions per prompt from ``model``, scored by ``reward_fn`` (and ``gold_fn``)."""
+    """``n`` completions per prompt from ``model``, scored by ``reward_fn`` (and ``gold_fn``).
+
+    ``first_row``: the global index of these prompts' first row (each row then samples
+    from its own seed, see :func:`alignkit.rollout.generate`)."""
     # 1. sample
-    rollout = generate(model, tokenizer, prompt_ids, params, num_samples=n, bf16=bf16)
+    rollout = generate(
+        model, tokenizer, prompt_ids, params, num_samples=n, bf16=bf16, first_row=first_row
+    )
     # 2. score, each completion with its own prompt
     row_prompts = [prompts[int(i)] for i in rollout.prompt_index]
     scores = call_reward(reward_fn, row_prompts, rollout.completions, reward_name)

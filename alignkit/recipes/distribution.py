@@ -243,11 +243,12 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     policy, inputs, bf16 = session.policy, session.inputs, session.bf16
     params = [p for p in policy.parameters() if p.requires_grad]
     proposal = proposal_weights.build(policy) if config.proposal == "adaptive" else policy
-    n, beta = config.samples_per_prompt, config.kl_coef
+    n, beta, job = config.samples_per_prompt, config.kl_coef, session.job
 
     for step in range(session.start_step + 1, config.max_steps + 1):
-        # 1. sample n completions per prompt from the proposal q
-        batch = session.sampler.indices(step)
+        # 1. sample n completions per prompt from the proposal q (each rank its slice of
+        # the prompts; the estimators are means over prompts, so each rank trains on its own)
+        batch, first_row = session.local_prompts(step)
         samples = sample_and_score(
             proposal,
             inputs.tokenizer,
@@ -259,16 +260,27 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             bf16,
             gold_fn=inputs.gold_fn,
             reward_name=config.reward,
+            first_row=first_row,
         )
         rollout, scores = samples.rollout, samples.scores
-        check_finite(float(scores.sum()), "reward", step, session.last_checkpoint)
         mask = rollout.completion_mask
         # 2. score: the target log P = S_ref(y) + r / beta
         ref_sums = (session.reference.logps(rollout, bf16, 1.0) * mask).sum(-1)
         target = (ref_sums + scores / beta).view(-1, n)  # (B, n)
-        # 3. log q(y) of the sampler at its temperature, and the running Z(x)
+        # 3. log q(y) of the sampler at its temperature, and the running Z(x) (every rank
+        # folds in the whole batch, so the estimates stay the same on all of them)
         proposal_sums = sequence_logps(proposal, rollout, bf16, config.temperature).view(-1, n)
-        log_partition = partitions.update(batch, target, proposal_sums)
+        everything, whole = session.gather_samples(
+            samples, {"target": target, "proposal": proposal_sums}
+        )
+        scores = everything.scores
+        check_finite(float(scores.sum()), "reward", step, session.last_checkpoint)
+        first = first_row // n if first_row is not None else 0
+        here = slice(first, first + len(batch))  # this rank's prompts in the batch
+        global_log_partition = partitions.update(
+            session.sampler.indices(step), whole["target"], whole["proposal"]
+        )
+        log_partition = global_log_partition[here]
         # 4. the estimator's loss: updates_per_batch optimizer steps on this batch
         parts: list[dict[str, float]] = []
         for _ in range(config.updates_per_batch):
@@ -277,22 +289,33 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             loss, loss_metrics = distribution_matching_loss(
                 config.algo, policy_sums, target, proposal_sums, log_partition
             )
-            check_finite(float(loss.detach()), "loss", step, session.last_checkpoint)
+            part = {
+                "loss": float(loss.detach()),
+                "grad_norm": 0.0,  # set after the step
+                **{k: float(v) for k, v in loss_metrics.items()},
+            }
+            if job.enabled:
+                # means over prompts (or their rows): this rank's share of the prompts;
+                # ess_fraction and advantage_std are then rank means, not batch statistics
+                share = len(batch) / config.prompts_per_step
+                loss = loss * share
+                part = job.weighted_sum(part, share)
+            check_finite(part["loss"], "loss", step, session.last_checkpoint)
             loss.backward()
-            grad_norm = optimizer_update(
-                params, session.optimizer, config.max_grad_norm, step, session.last_checkpoint
+            part["grad_norm"] = optimizer_update(
+                params,
+                session.optimizer,
+                config.max_grad_norm,
+                step,
+                session.last_checkpoint,
+                job=job,
             )
-            parts.append(
-                {
-                    "loss": float(loss.detach()),
-                    "grad_norm": grad_norm,
-                    **{k: float(v) for k, v in loss_metrics.items()},
-                }
-            )
+            parts.append(part)
         session.scheduler.step()
         # 5. KL(p* || pi) and KL(p* || q); GDC's proposal update
+        all_policy_sums = torch.cat(job.gather(policy_sums.detach()))
         kl_policy, kl_proposal = forward_kls(
-            target, proposal_sums, policy_sums.detach(), log_partition
+            whole["target"], whole["proposal"], all_policy_sums, global_log_partition
         )  # pi_theta as it was before the last update
         if config.proposal == "adaptive" and schedule.observe(kl_policy, kl_proposal):
             proposal.load_state_dict(policy.state_dict())
@@ -305,11 +328,11 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             "kl_target_proposal": kl_proposal,
             "log_partition": float(log_partition.mean()),
             "proposal_updates": float(schedule.updates),
-            "response_length": float(rollout.completion_lengths.float().mean()),
-            "eos_fraction": float(rollout.finished.float().mean()),
+            "response_length": float(everything.rollout.completion_lengths.float().mean()),
+            "eos_fraction": float(everything.rollout.finished.float().mean()),
             "lr": session.optimizer.param_groups[0]["lr"],
         }
-        if samples.gold is not None:
-            metrics["gold"] = float(samples.gold.mean())
+        if everything.gold is not None:
+            metrics["gold"] = float(everything.gold.mean())
         session.end_of_step(step, metrics)
     return session.finish("max_steps")

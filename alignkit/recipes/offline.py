@@ -126,6 +126,16 @@ def fit(
     from alignkit.training.optim import build_optimizer
 
     job = setup(config.distributed, config.batch_size)
+    if job.sharded:
+        from alignkit.errors import InputError
+        from alignkit.models import is_lora
+
+        if is_lora(model):
+            raise InputError(
+                "LoRA is not supported with distributed=fsdp; use distributed=ddp",
+                path="config",
+                field="distributed",
+            )
     if output_dir is None:
         with main_first(job) as is_main:
             output_dir = (
@@ -148,8 +158,8 @@ def fit(
         size = config.batch_size
         eval_batches = [eval_ids[i : i + size] for i in range(0, len(eval_ids), size)]
 
-        def evaluate() -> dict[str, float]:
-            return evaluate_batches(model, eval_batches, make_batch, compute_loss, bf16)
+        def evaluate(module: torch.nn.Module) -> dict[str, float]:
+            return evaluate_batches(module, eval_batches, make_batch, compute_loss, bf16)
 
     result = train_loop(
         model=model,
@@ -179,6 +189,8 @@ def fit(
         **(extra_summary or {}),
         **result.last_metrics,
     }
+    if job.sharded:
+        job.unshard_for_saving(model)  # full tensors again, for a plain HF directory
     if job.is_main:
         save_run(model, tokenizer, config, output_dir, summary, started)
     job.barrier()

@@ -30,6 +30,7 @@ from alignkit.recipes.dpo import make_pairwise_loss
 from alignkit.recipes.online import OnlineConfig
 from alignkit.recipes.online_run import OnlineRun
 from alignkit.recipes.policy_gradient import optimizer_update
+from alignkit.training.distributed import require_split
 from alignkit.training.optim import check_finite
 
 PairwiseLossName = Literal["dpo", "cdpo", "rdpo", "ipo", "hinge", "simpo", "orpo", "rpo"]
@@ -93,10 +94,11 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         resume=resume,
         desc=f"online-{config.loss}",
         states={},
+        check_job=lambda job: require_split(job, config.batch_size, "batch_size"),
     )
     policy, inputs, bf16 = session.policy, session.inputs, session.bf16
     params = [p for p in policy.parameters() if p.requires_grad]
-    n = config.samples_per_prompt
+    n, job = config.samples_per_prompt, session.job
     spec = PAIRWISE_LOSS_SPECS[config.loss]
     compute_loss = make_pairwise_loss(
         config.loss,
@@ -111,7 +113,8 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     for step in range(session.start_step + 1, config.max_steps + 1):
         round_started = time.time()
         # 1. sample n completions per prompt from the current policy  2. label them
-        batch = session.sampler.indices(step)
+        # (each rank its slice of the prompts; then every rank holds the whole batch)
+        batch, first_row = session.local_prompts(step)
         samples = sample_and_score(
             policy,
             inputs.tokenizer,
@@ -123,7 +126,18 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             bf16,
             gold_fn=inputs.gold_fn,
             reward_name=config.reward,
+            first_row=first_row,
         )
+        # reference sums of every sample, each rank for its own rows (used once pairs exist)
+        per_row = {}
+        if spec.needs_reference:
+            local = samples.rollout
+            if config.reference_update == "refresh":
+                per_row["ref_sums"] = sequence_logps(policy, local, bf16)
+            else:
+                ref_logps = session.reference.logps(local, bf16, 1.0)
+                per_row["ref_sums"] = (ref_logps * local.completion_mask).sum(-1)
+        samples, per_row = session.gather_samples(samples, per_row)
         scores = samples.scores
         check_finite(float(scores.sum()), "reward", step, session.last_checkpoint)
         # 3. pairs: best vs worst of each prompt, ties dropped
@@ -132,7 +146,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         metrics: dict[str, float] = {
             "score": float(scores.mean()),
             "pairs": float(len(prompt_rows)),
-            "ties_dropped": float(len(batch) - len(prompt_rows)),
+            "ties_dropped": float(config.prompts_per_step - len(prompt_rows)),
             "response_length": float(samples.rollout.completion_lengths.float().mean()),
             "eos_fraction": float(samples.rollout.finished.float().mean()),
         }
@@ -142,20 +156,15 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         if len(prompt_rows):
             metrics["score_chosen"] = float(scores[chosen_rows].mean())
             metrics["score_rejected"] = float(scores[rejected_rows].mean())
-            # 4. reference log-probs of the pairs, once per round
+            # 4. reference log-probs of the pairs (computed with the samples, once per round)
             rollout = samples.rollout
-            ref_sums = None
-            if spec.needs_reference:
-                if config.reference_update == "refresh":
-                    ref_sums = sequence_logps(policy, rollout, bf16)
-                else:
-                    mask = rollout.completion_mask
-                    ref_sums = (session.reference.logps(rollout, bf16, 1.0) * mask).sum(-1)
+            ref_sums = per_row.get("ref_sums")
             # 5. update: dpo_steps optimizer steps of the pairwise loss
             order = pair_batches(
                 len(prompt_rows), config.batch_size, config.dpo_steps, config.seed, step
             )
-            for pair_index in order:
+            for whole in order:
+                pair_index = job.local_rows(whole)  # this rank's chunk of the pairs
                 rows = torch.cat([chosen_rows[pair_index], rejected_rows[pair_index]])
                 pair_batch = {
                     "input_ids": rollout.input_ids[rows],
@@ -168,18 +177,28 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     )
                 with autocast(enabled=bf16):
                     loss, loss_metrics = compute_loss(policy, pair_batch)
-                check_finite(float(loss.detach()), "loss", step, session.last_checkpoint)
+                part = {
+                    "loss": float(loss.detach()),
+                    "grad_norm": 0.0,  # set after the step
+                    **{k: float(v) for k, v in loss_metrics.items()},
+                }
+                if job.enabled:  # means over pairs: this rank's share of them
+                    share = len(pair_index) / len(whole)
+                    loss = loss * share
+                    shares = {key: share for key in part}
+                    shares["tokens"] = 1.0  # a count, summed
+                    part = job.weighted_sum(part, shares)
+                check_finite(part["loss"], "loss", step, session.last_checkpoint)
                 loss.backward()
-                grad_norm = optimizer_update(
-                    params, session.optimizer, config.max_grad_norm, step, session.last_checkpoint
+                part["grad_norm"] = optimizer_update(
+                    params,
+                    session.optimizer,
+                    config.max_grad_norm,
+                    step,
+                    session.last_checkpoint,
+                    job=job,
                 )
-                parts.append(
-                    {
-                        "loss": float(loss.detach()),
-                        "grad_norm": grad_norm,
-                        **{k: float(v) for k, v in loss_metrics.items()},
-                    }
-                )
+                parts.append(part)
         if parts:  # the schedule advances once per round that updated
             session.scheduler.step()
         # 6. log, evaluate, checkpoint

@@ -34,6 +34,7 @@ from alignkit.training.common import (
     seed_everything,
     set_threads,
 )
+from alignkit.training.distributed import Distributed, main_first, setup
 from alignkit.training.metrics import MetricsLogger
 from alignkit.training.optim import build_optimizer
 
@@ -104,6 +105,11 @@ class OnlineRun:
 
     ``states`` are recipe objects with ``state_dict`` / ``load_state_dict`` (a KL
     controller, running reward statistics) that checkpoints carry and resume restores.
+
+    Under ``torchrun`` with ``distributed=ddp`` (``job`` with several ranks) each rank
+    samples its slice of every step's prompts (:meth:`local_prompts`), and only rank 0
+    evaluates, logs and writes checkpoints and the final model (``logger`` is None on
+    the other ranks).
     """
 
     config: OnlineConfig
@@ -121,9 +127,10 @@ class OnlineRun:
     states: dict[str, Any]
     bf16: bool
     sampler: PromptSampler
-    logger: MetricsLogger
+    logger: MetricsLogger | None
     eval_reference: dict[str, float]  # held-out metrics of the starting policy
     last_metrics: dict[str, float]
+    job: Distributed
 
     @classmethod
     def start(
@@ -134,16 +141,23 @@ class OnlineRun:
         resume: bool,
         desc: str,
         states: dict[str, Any],
+        check_job: Callable[[Distributed], None] | None = None,
     ) -> OnlineRun:
         """Validate every input, then load models, build the optimizer, prepare the run
         directory, resume from its last checkpoint when asked, and evaluate the starting
         policy (logged as step 0). ``build_trainable(policy)`` returns the module whose
-        parameters are trained (the policy itself, or the policy with a critic)."""
+        parameters are trained (the policy itself, or the policy with a critic).
+        ``check_job(job)`` refuses settings that do not split over the ranks, before any
+        file is touched."""
         started = time.time()
         set_threads()
         # 0. every input is validated before any compute or any file is touched
         inputs = load_run_inputs(config)
+        job = setup(config.distributed, config.prompts_per_step, "prompts_per_step")
+        if check_job is not None:
+            check_job(job)
         check_output_dir(config.output_dir, overwrite, resume)
+        job.barrier()  # every rank has checked before rank 0 creates or replaces it
         seed_everything(config.seed)
         policy = load_policy(config.model, config.lora)
         reference = ReferencePolicy(policy, config.model, config.reference)
@@ -157,7 +171,10 @@ class OnlineRun:
             config.max_steps,
             config.lr_schedule,
         )
-        output_dir = prepare_output_dir(config.output_dir, overwrite, resume)
+        with main_first(job) as is_main:
+            if is_main:
+                prepare_output_dir(config.output_dir, overwrite, resume)
+        output_dir = Path(config.output_dir)
         start_step, last_checkpoint, extra = 0, None, {}
         found = latest_checkpoint(output_dir) if resume else None
         if found is not None:
@@ -182,14 +199,54 @@ class OnlineRun:
             states=states,
             bf16=bf16,
             sampler=PromptSampler(len(inputs.train_prompts), config.prompts_per_step, config.seed),
-            logger=MetricsLogger(output_dir, config.max_steps, start_step, desc=desc),
+            logger=(
+                MetricsLogger(output_dir, config.max_steps, start_step, desc=desc)
+                if job.is_main
+                else None
+            ),
             eval_reference=extra.get("eval_reference", {}),
             last_metrics={},
+            job=job,
         )
-        if start_step == 0 and inputs.eval_prompts:
+        if start_step == 0 and inputs.eval_prompts and session.logger is not None:
             session.eval_reference = session.evaluate()
             session.logger.log(0, session.eval_reference)
         return session
+
+    def gather_samples(
+        self, samples: Any, per_row: dict[str, torch.Tensor] | None = None
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        """Every rank's scored samples (and per-row tensors such as reference sums) as the
+        step's global batch, rows in rank order (:func:`concat_rollouts`)."""
+        from alignkit.recipes.best_of_n import ScoredSamples
+        from alignkit.recipes.policy_gradient import concat_rollouts
+
+        per_row = per_row or {}
+        if not self.job.enabled:
+            return samples, per_row
+        parts = self.job.gather((samples, per_row))
+        pad_id = self.inputs.tokenizer.pad_token_id
+        gold = parts[0][0].gold
+        merged = ScoredSamples(
+            rollout=concat_rollouts([s.rollout for s, _ in parts], pad_id),
+            prompts=[x for s, _ in parts for x in s.prompts],
+            scores=torch.cat([s.scores for s, _ in parts]),
+            gold=None if gold is None else torch.cat([s.gold for s, _ in parts]),
+        )
+        return merged, {key: torch.cat([extra[key] for _, extra in parts]) for key in per_row}
+
+    def local_prompts(self, step: int) -> tuple[list[int], int | None]:
+        """(this rank's prompt indices of step ``step``, the global index of its first row).
+
+        The row index is None on a run without ``distributed``: the whole batch then
+        samples from one stream. With it, every row samples from its own seed, so any
+        number of ranks draws the same completions for the same global batch.
+        """
+        batch = self.sampler.indices(step)
+        if self.config.distributed == "none":
+            return batch, None
+        start, stop = self.job.part(len(batch))
+        return batch[start:stop], start * self.config.samples_per_prompt
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics; every evaluation uses the same sampling seed (that of step 0)."""
@@ -202,12 +259,16 @@ class OnlineRun:
         config = self.config
         is_last = final or step == config.max_steps
         due = config.eval_every > 0 and step % config.eval_every == 0
-        if self.inputs.eval_prompts and (due or is_last):
-            metrics.update(self.evaluate())
-        self.logger.log(step, metrics)
-        self.logger.advance()
+        if self.logger is not None:
+            if self.inputs.eval_prompts and (due or is_last):
+                metrics.update(self.evaluate())
+            self.logger.log(step, metrics)
+            self.logger.advance()
         self.step, self.last_metrics = step, metrics
-        if config.save_steps > 0 and step % config.save_steps == 0 and not is_last:
+        save = config.save_steps > 0 and step % config.save_steps == 0 and not is_last
+        if save and not self.job.is_main:
+            self.last_checkpoint = str(self.output_dir / "checkpoints" / f"step-{step:06d}")
+        elif save:
             extra = {name: state.state_dict() for name, state in self.states.items()}
             extra["eval_reference"] = self.eval_reference
             extra["next_rollout_seed"] = rollout_seed(config.seed, step + 1)
@@ -227,6 +288,9 @@ class OnlineRun:
         self, stopped: str, save_extra: Callable[[Path], None] | None = None
     ) -> dict[str, Any]:
         """Close the log; save the policy (plain HF directory), config and summary."""
+        if self.logger is None:  # not rank 0: it writes everything
+            self.job.barrier()
+            return {"steps": self.step, "stopped": stopped, **self.last_metrics}
         self.logger.close()
         reference = {
             f"reference_{k.removeprefix('eval/')}": v for k, v in self.eval_reference.items()
@@ -237,4 +301,5 @@ class OnlineRun:
         )
         if save_extra is not None:
             save_extra(self.output_dir)
+        self.job.barrier()
         return summary

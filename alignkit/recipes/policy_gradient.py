@@ -22,6 +22,7 @@ from alignkit.losses.policy import penalize_missing_eos
 from alignkit.models import autocast
 from alignkit.recipes.online import OnlineConfig, ReferencePolicy, RewardFn, call_reward
 from alignkit.rollout import Rollout, SamplingParams, generate
+from alignkit.training.distributed import Distributed
 from alignkit.training.optim import check_finite
 
 
@@ -197,9 +198,16 @@ def collect_experience(
     reference: ReferencePolicy | None = None,
     gold_fn: RewardFn | None = None,
     critic: nn.Module | None = None,
+    first_row: int | None = None,
 ) -> Experience:
-    """Sample, score with the reward (and gold), and run the policy, critic and reference."""
-    rollout = generate(policy, tokenizer, prompt_ids, params, num_samples=num_samples, bf16=bf16)
+    """Sample, score with the reward (and gold), and run the policy, critic and reference.
+
+    ``first_row``: these prompts' rows start at this global row (every row then samples
+    from its own seed, see :func:`alignkit.rollout.generate`)."""
+    rollout = generate(
+        policy, tokenizer, prompt_ids, params, num_samples=num_samples, bf16=bf16,
+        first_row=first_row,
+    )  # fmt: skip
     row_prompts = [prompts[int(i)] for i in rollout.prompt_index]
     scores = call_reward(reward_fn, row_prompts, rollout.completions, reward_name)
     gold = None
@@ -230,6 +238,84 @@ def collect_experience(
         entropy=old.entropy,
         old_values=old.values,
     )
+
+
+def _pad_columns(tensor: torch.Tensor, left: int, right: int, value: float = 0) -> torch.Tensor:
+    return nn.functional.pad(tensor, (left, right), value=value)
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of consecutive prompt slices as one: rows re-padded to the widest prompt
+    (on the left) and the longest completion (on the right), prompt indices shifted."""
+    width = max(r.prompt_length for r in parts)
+    steps = max(r.input_ids.shape[1] - r.prompt_length for r in parts)
+
+    def full(r: Rollout, tensor: torch.Tensor, value: float = 0) -> torch.Tensor:
+        right = steps - (r.input_ids.shape[1] - r.prompt_length)
+        return _pad_columns(tensor, width - r.prompt_length, right, value)
+
+    offsets = [0]
+    for r in parts[:-1]:
+        offsets.append(offsets[-1] + int(r.prompt_index.max()) + 1)
+    return Rollout(
+        input_ids=torch.cat([full(r, r.input_ids, pad_id) for r in parts]),
+        attention_mask=torch.cat([full(r, r.attention_mask) for r in parts]),
+        completion_mask=torch.cat([full(r, r.completion_mask) for r in parts]),
+        sampling_logps=torch.cat([full(r, r.sampling_logps) for r in parts]),
+        finished=torch.cat([r.finished for r in parts]),
+        prompt_index=torch.cat([r.prompt_index + o for r, o in zip(parts, offsets, strict=True)]),
+        completions=[c for r in parts for c in r.completions],
+        completion_lengths=torch.cat([r.completion_lengths for r in parts]),
+        prompt_length=width,
+        temperature=parts[0].temperature,
+    )
+
+
+def gather_experience(job: Distributed, local: Experience, pad_id: int) -> Experience:
+    """Every rank's experience, concatenated in rank order: the step's global batch.
+
+    Ranks pad their rollouts to their own longest prompt and completion; the rows are
+    re-padded to the global widths (prompts on the left, completions on the right), so
+    the result is the batch one process would have sampled.
+    """
+    if not job.enabled:
+        return local
+    parts: list[Experience] = job.gather(local)
+    rollout = concat_rollouts([p.rollout for p in parts], pad_id)
+    steps = rollout.input_ids.shape[1] - rollout.prompt_length
+
+    def tokens(name: str) -> torch.Tensor | None:
+        if getattr(parts[0], name) is None:
+            return None
+        return torch.cat(
+            [_pad_columns(getattr(p, name), 0, steps - p.mask.shape[1]) for p in parts]
+        )
+
+    gold = None if parts[0].gold is None else torch.cat([p.gold for p in parts])
+    return Experience(
+        rollout=rollout,
+        prompts=[x for p in parts for x in p.prompts],
+        scores=torch.cat([p.scores for p in parts]),
+        gold=gold,
+        mask=tokens("mask"),
+        old_logps=tokens("old_logps"),
+        ref_logps=tokens("ref_logps"),
+        entropy=tokens("entropy"),
+        old_values=tokens("old_values"),
+    )
+
+
+def check_minibatch_split(job: Distributed, rows: int, num_minibatches: int) -> None:
+    """Under several ranks every minibatch must split into equal per-rank chunks."""
+    from alignkit.errors import InputError
+
+    if job.enabled and (rows % num_minibatches or (rows // num_minibatches) % job.world_size):
+        raise InputError(
+            f"{rows} rows per step in {num_minibatches} minibatches do not split evenly "
+            f"over {job.world_size} processes",
+            path="config",
+            field="num_minibatches",
+        )
 
 
 def rollout_metrics(experience: Experience) -> dict[str, float]:
@@ -266,12 +352,16 @@ def optimizer_update(
     max_grad_norm: float,
     step: int,
     last_checkpoint: str | None,
+    job: Distributed | None = None,
 ) -> float:
     """Clip, refuse NaN/inf gradients, step and zero the gradients; returns the grad norm.
 
     The learning-rate schedule advances once per rollout step, not per minibatch, so the
-    recipe steps the scheduler itself.
+    recipe steps the scheduler itself. With ``job`` on several ranks the gradients are
+    first summed over ranks (each rank's loss carries its share of the global mean).
     """
+    if job is not None:
+        job.sum_gradients(params)
     with_grad = [p for p in params if p.grad is not None]
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, limit)) if with_grad else 0.0

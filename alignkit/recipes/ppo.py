@@ -34,15 +34,18 @@ from alignkit.recipes.online_run import OnlineRun
 from alignkit.recipes.policy_gradient import (
     PolicyGradientConfig,
     RunningMoments,
+    check_minibatch_split,
     collect_experience,
     first_ratio_deviation,
     forward_pass,
+    gather_experience,
     minibatch_indices,
     optimizer_update,
     rollout_metrics,
     shape_scores,
     stop_reason,
 )
+from alignkit.training.distributed import Distributed
 from alignkit.training.optim import check_finite
 
 
@@ -143,6 +146,27 @@ def save_critic(critic: nn.Module, tokenizer: Any, output_dir: Path) -> None:
         tokenizer.save_pretrained(output_dir / "critic")
 
 
+def explained_variance(
+    job: Distributed, values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
+) -> float:
+    """1 - Var(R - V) / Var(R) over the valid tokens of every rank's rows (the moments
+    summed over ranks, in float64)."""
+    mask = mask.double()
+    residual, returns = (returns - values).double(), returns.double()
+    moments = {
+        "n": float(mask.sum()),
+        "r": float((residual * mask).sum()),
+        "rr": float((residual**2 * mask).sum()),
+        "g": float((returns * mask).sum()),
+        "gg": float((returns**2 * mask).sum()),
+    }
+    total = job.weighted_sum(moments, 1.0)
+    count = max(total["n"], 1.0)
+    residual_var = total["rr"] / count - (total["r"] / count) ** 2
+    returns_var = total["gg"] / count - (total["g"] / count) ** 2
+    return 1.0 - residual_var / max(returns_var, 1e-8)
+
+
 class PolicyAndCritic(nn.Module):
     """Holds both trained modules so one optimizer and one checkpoint cover them."""
 
@@ -163,6 +187,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     else:
         kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
     reward_stats = RunningMoments()
+    rows = config.prompts_per_step * config.samples_per_prompt
 
     def build_trainable(policy: nn.Module) -> nn.Module:
         critic = build_critic(config.critic, policy, config.reward, config.model)
@@ -175,16 +200,18 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         resume=resume,
         desc="ppo",
         states={"kl_controller": kl_controller, "reward_stats": reward_stats},
+        check_job=lambda job: check_minibatch_split(job, rows, config.num_minibatches),
     )
     policy, critic, inputs = session.policy, session.trainable.critic, session.inputs
     params = [p for p in session.trainable.parameters() if p.requires_grad]
-    bf16, rows = session.bf16, config.prompts_per_step * config.samples_per_prompt
+    bf16, job, pad_id = session.bf16, session.job, inputs.tokenizer.pad_token_id
     stop = None
 
     for step in range(session.start_step + 1, config.max_steps + 1):
         kl_coef, lr = kl_controller.value, session.scheduler.get_last_lr()[0]
-        # 1. rollout: sample, then (no grad) the policy's log-probs, entropy and values
-        batch = session.sampler.indices(step)
+        # 1. rollout: sample, then (no grad) the policy's log-probs, entropy and values;
+        # each rank samples its slice of the prompts, then all ranks hold the whole batch
+        batch, first_row = session.local_prompts(step)
         experience = collect_experience(
             policy,
             inputs.tokenizer,
@@ -198,7 +225,9 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             reference=session.reference,
             gold_fn=inputs.gold_fn,
             critic=critic,
+            first_row=first_row,
         )
+        experience = gather_experience(job, experience, pad_id)
         mask, old_logps, old_values = experience.mask, experience.old_logps, experience.old_values
         # 2. score: missing-EOS penalty, optional running normalisation
         scores = experience.scores
@@ -221,7 +250,10 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         first_ratio_dev = None
         stopped_early = False
         for epoch in range(config.epochs):
-            for index in minibatch_indices(rows, config.num_minibatches, config.seed, step, epoch):
+            for minibatch in minibatch_indices(
+                rows, config.num_minibatches, config.seed, step, epoch
+            ):
+                index = job.local_rows(minibatch)  # this rank's chunk of the minibatch
                 new = forward_pass(
                     policy,
                     **experience.rows(index),
@@ -241,25 +273,38 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     config.value_clip_eps,
                 )
                 loss = pg_loss + config.vf_coef * vf_loss
-                check_finite(float(loss.detach()), "loss", step, session.last_checkpoint)
+                part = {
+                    "pg_loss": float(pg_loss.detach()),
+                    "value_loss": float(vf_loss.detach()),
+                    "grad_norm": 0.0,  # set after the step
+                    **{k: float(v) for k, v in {**pg_metrics, **vf_metrics}.items()},
+                }
+                if job.enabled:
+                    # both losses are token means: this rank's share of the minibatch's tokens
+                    share = float(mask[index].sum() / mask[minibatch].sum().clamp(min=1))
+                    loss = loss * share
+                    part = job.weighted_sum(part, share)
+                    part["explained_variance"] = explained_variance(
+                        job, new.values.detach(), returns[index], mask[index]
+                    )
+                total = part["pg_loss"] + config.vf_coef * part["value_loss"]
+                check_finite(total, "loss", step, session.last_checkpoint)
                 loss.backward()
-                grad_norm = optimizer_update(
-                    params, session.optimizer, config.max_grad_norm, step, session.last_checkpoint
+                part["grad_norm"] = optimizer_update(
+                    params,
+                    session.optimizer,
+                    config.max_grad_norm,
+                    step,
+                    session.last_checkpoint,
+                    job=job,
                 )
                 if first_ratio_dev is None:
-                    first_ratio_dev = first_ratio_deviation(
-                        new.logps, old_logps[index], mask[index]
+                    first_ratio_dev = job.max(
+                        first_ratio_deviation(new.logps, old_logps[index], mask[index])
                     )
-                parts.append(
-                    {
-                        "pg_loss": float(pg_loss.detach()),
-                        "value_loss": float(vf_loss.detach()),
-                        "grad_norm": grad_norm,
-                        **{k: float(v) for k, v in {**pg_metrics, **vf_metrics}.items()},
-                    }
-                )
+                parts.append(part)
                 target = config.target_approx_kl
-                if target is not None and float(pg_metrics["approx_kl"]) > target:
+                if target is not None and part["approx_kl"] > target:
                     stopped_early = True
                     break
             if stopped_early:

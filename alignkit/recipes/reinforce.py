@@ -35,9 +35,11 @@ from alignkit.losses.policy import (
 from alignkit.recipes.online_run import OnlineRun
 from alignkit.recipes.policy_gradient import (
     PolicyGradientConfig,
+    check_minibatch_split,
     collect_experience,
     first_ratio_deviation,
     forward_pass,
+    gather_experience,
     minibatch_indices,
     optimizer_update,
     rollout_metrics,
@@ -120,6 +122,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     algo, k, kl_coef = config.algo, config.samples_per_prompt, config.kl_coef
     kl_in_loss = config.kl_placement() == "loss"
     baseline = MovingBaseline(config.baseline_decay)
+    rows = config.prompts_per_step * k
     session = OnlineRun.start(
         config,
         lambda policy: policy,
@@ -127,15 +130,17 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         resume=resume,
         desc=algo,
         states={"baseline": baseline},
+        check_job=lambda job: check_minibatch_split(job, rows, config.num_minibatches),
     )
     policy, inputs, bf16 = session.policy, session.inputs, session.bf16
     params = [p for p in policy.parameters() if p.requires_grad]
-    rows, stop = config.prompts_per_step * k, None
+    stop, job, pad_id = None, session.job, inputs.tokenizer.pad_token_id
 
     for step in range(session.start_step + 1, config.max_steps + 1):
         lr = session.scheduler.get_last_lr()[0]
-        # 1. rollout: k samples per prompt, then (no grad) old and reference log-probs
-        batch = session.sampler.indices(step)
+        # 1. rollout: k samples per prompt, then (no grad) old and reference log-probs;
+        # each rank samples its slice of the prompts, then all ranks hold the whole batch
+        batch, first_row = session.local_prompts(step)
         experience = collect_experience(
             policy,
             inputs.tokenizer,
@@ -148,7 +153,9 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             bf16,
             reference=session.reference,
             gold_fn=inputs.gold_fn,
+            first_row=first_row,
         )
+        experience = gather_experience(job, experience, pad_id)
         mask, old_logps, ref_logps = experience.mask, experience.old_logps, experience.ref_logps
         # 2. score
         scores = experience.scores
@@ -178,7 +185,10 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         parts: list[dict[str, float]] = []
         first_ratio_dev, stopped_early = None, False
         for epoch in range(config.epochs):
-            for index in minibatch_indices(rows, config.num_minibatches, config.seed, step, epoch):
+            for minibatch in minibatch_indices(
+                rows, config.num_minibatches, config.seed, step, epoch
+            ):
+                index = job.local_rows(minibatch)  # this rank's chunk of the minibatch
                 new = forward_pass(
                     policy,
                     **experience.rows(index),
@@ -209,25 +219,42 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     loss, loss_metrics = reinforce_loss(sequence_logps, advantages[index])
                     if kl_in_loss and kl_coef:
                         loss = loss + kl_coef * sequence_k3(new.logps, ref_logps[index], mb_mask)
-                check_finite(float(loss.detach()), "loss", step, session.last_checkpoint)
-                loss.backward()
-                grad_norm = optimizer_update(
-                    params, session.optimizer, config.max_grad_norm, step, session.last_checkpoint
-                )
                 log_ratio = new.logps.detach() - mb_old
-                approx_kl = float(masked_mean(torch.expm1(log_ratio) - log_ratio, mb_mask))
-                if first_ratio_dev is None:
-                    first_ratio_dev = first_ratio_deviation(new.logps, mb_old, mb_mask)
-                parts.append(
-                    {
-                        "loss": float(loss.detach()),
-                        "grad_norm": grad_norm,
-                        "approx_kl": approx_kl,
-                        **{k_: float(v) for k_, v in loss_metrics.items()},
-                    }
+                part = {
+                    "loss": float(loss.detach()),
+                    "grad_norm": 0.0,  # set after the step
+                    "approx_kl": float(masked_mean(torch.expm1(log_ratio) - log_ratio, mb_mask)),
+                    **{k_: float(v) for k_, v in loss_metrics.items()},
+                }
+                if job.enabled:
+                    # this rank's share of the minibatch: of its tokens for token means, of
+                    # its rows for sequence means (grpo's losses, REINFORCE, the k3 term)
+                    token_share = float(mb_mask.sum() / mask[minibatch].sum().clamp(min=1))
+                    row_share = len(index) / len(minibatch)
+                    loss_share = token_share if algo == "reinforce_pp" else row_share
+                    loss = loss * loss_share
+                    shares = {key: token_share for key in part}
+                    shares["loss"] = loss_share
+                    part = job.weighted_sum(part, shares)
+                    if "advantage_mean" in part:  # every rank holds all advantages
+                        whole = advantages[minibatch].detach().float()
+                        part["advantage_mean"] = float(whole.mean())
+                        part["advantage_std"] = float(whole.std(correction=0))
+                check_finite(part["loss"], "loss", step, session.last_checkpoint)
+                loss.backward()
+                part["grad_norm"] = optimizer_update(
+                    params,
+                    session.optimizer,
+                    config.max_grad_norm,
+                    step,
+                    session.last_checkpoint,
+                    job=job,
                 )
+                if first_ratio_dev is None:
+                    first_ratio_dev = job.max(first_ratio_deviation(new.logps, mb_old, mb_mask))
+                parts.append(part)
                 target = config.target_approx_kl
-                if target is not None and approx_kl > target:
+                if target is not None and part["approx_kl"] > target:
                     stopped_early = True
                     break
             if stopped_early:

@@ -22,6 +22,7 @@ from alignkit.recipes.online import OnlineConfig
 from alignkit.recipes.online_run import OnlineRun
 from alignkit.recipes.policy_gradient import optimizer_update
 from alignkit.recipes.sft import sft_loss
+from alignkit.training.distributed import require_split
 from alignkit.training.optim import check_finite
 
 
@@ -89,15 +90,22 @@ def sft_batches(
 
 def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     session = OnlineRun.start(
-        config, lambda policy: policy, overwrite=overwrite, resume=resume, desc="rsft", states={}
+        config,
+        lambda policy: policy,
+        overwrite=overwrite,
+        resume=resume,
+        desc="rsft",
+        states={},
+        check_job=lambda job: require_split(job, config.batch_size, "batch_size"),
     )
     policy, inputs, bf16 = session.policy, session.inputs, session.bf16
     params = [p for p in policy.parameters() if p.requires_grad]
-    n = config.samples_per_prompt
+    n, job = config.samples_per_prompt, session.job
 
     for step in range(session.start_step + 1, config.max_steps + 1):
         # 1. sample n completions per prompt from the current policy  2. score them
-        batch = session.sampler.indices(step)
+        # (each rank its slice of the prompts; then every rank holds the whole batch)
+        batch, first_row = session.local_prompts(step)
         experience = sample_and_score(
             policy,
             inputs.tokenizer,
@@ -109,7 +117,9 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             bf16,
             gold_fn=inputs.gold_fn,
             reward_name=config.reward,
+            first_row=first_row,
         )
+        experience, _ = session.gather_samples(experience)
         scores = experience.scores
         check_finite(float(scores.sum()), "reward", step, session.last_checkpoint)
         # 3. select: top k per prompt, or over this round's threshold
@@ -137,7 +147,8 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                 len(kept_rows), config.batch_size, config.sft_steps, config.seed, step
             )
             for rows in order:
-                index = kept_rows[torch.as_tensor(rows)]
+                whole = kept_rows[torch.as_tensor(rows)]
+                index = job.local_rows(whole)  # this rank's chunk of the SFT batch
                 sft_batch = {
                     "input_ids": rollout.input_ids[index],
                     "attention_mask": rollout.attention_mask[index],
@@ -145,7 +156,13 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                 }
                 with autocast(enabled=bf16):
                     loss, _ = sft_loss(policy, sft_batch)
-                check_finite(float(loss.detach()), "loss", step, session.last_checkpoint)
+                loss_value = float(loss.detach())
+                if job.enabled:  # a token mean: this rank's share of the batch's tokens
+                    mask = rollout.completion_mask
+                    share = float(mask[index].sum() / mask[whole].sum().clamp(min=1))
+                    loss = loss * share
+                    loss_value = job.weighted_sum({"loss": loss_value}, share)["loss"]
+                check_finite(loss_value, "loss", step, session.last_checkpoint)
                 loss.backward()
                 grad_norms.append(
                     optimizer_update(
@@ -154,9 +171,10 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                         config.max_grad_norm,
                         step,
                         session.last_checkpoint,
+                        job=job,
                     )
                 )
-                losses.append(float(loss.detach()))
+                losses.append(loss_value)
         if losses:  # the schedule advances once per round that updated
             session.scheduler.step()
         # 5. log, evaluate, checkpoint

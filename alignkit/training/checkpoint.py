@@ -62,16 +62,24 @@ def save_checkpoint(
     scheduler: Any,
     extra: dict[str, Any] | None = None,
     keep_last: int = 2,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically and prune to the newest ``keep_last``."""
+    """Write ``checkpoints/step-NNNNNN`` atomically and prune to the newest ``keep_last``.
+
+    ``weights`` and ``optimizer_state`` replace what is read from ``model`` and
+    ``optimizer`` (FSDP2 gathers them from the shards first)."""
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
-    save_file(trainable_state(model), str(staging / "model.safetensors"))
+    save_file(
+        weights if weights is not None else trainable_state(model),
+        str(staging / "model.safetensors"),
+    )
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             "extra": extra or {},
@@ -114,13 +122,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-) -> tuple[int, dict[str, Any]]:
-    """Restore weights, optimizer, scheduler and RNG; returns (step, extra state)."""
+def read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+    """(step, weights, state) of a checkpoint; a damaged one is an :class:`InputError`."""
     try:
         weights = load_file(str(path / "model.safetensors"))
         state = torch.load(path / "state.pt", weights_only=False)
@@ -129,16 +132,73 @@ def load_checkpoint(
         raise InputError(
             f"checkpoint is unreadable ({type(err).__name__})", path=str(path)
         ) from None
-    params = dict(model.named_parameters())
-    missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
+    return step, weights, state
+
+
+def optimizer_state_by_name(
+    state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (the form FSDP2 saves and loads); a
+    plain ``optimizer.state_dict()`` numbers the parameters in ``param_groups`` order."""
+    if all(isinstance(key, str) for key in state["state"]):
+        return state
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    # the kernel choice (fused/foreach) stays the loading optimizer's own
+    groups = [
+        {
+            **{k: v for k, v in group.items() if k not in ("fused", "foreach")},
+            "params": [order[i] for i in group["params"]],
+        }
+        for group in state["param_groups"]
+    ]
+    return {"state": {order[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
+def optimizer_state_by_index(
+    state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """The inverse of :func:`optimizer_state_by_name`: the form ``load_state_dict`` takes."""
+    if all(isinstance(key, int) for key in state["state"]):
+        return state
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    groups = [
+        {**group, "params": [index[name] for name in group["params"]]}
+        for group in state["param_groups"]
+    ]
+    return {"state": {index[k]: v for k, v in state["state"].items()}, "param_groups": groups}
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    load_state: Any = None,
+) -> tuple[int, dict[str, Any]]:
+    """Restore weights, optimizer, scheduler and RNG; returns (step, extra state).
+
+    ``load_state(weights, optimizer_state)``, when given, restores the weights and the
+    optimizer instead (FSDP2 shards them)."""
+    step, weights, state = read_checkpoint(path)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    missing = [name for name in names if name not in weights]
     if missing:
         raise InputError(
             f"checkpoint does not match the model (missing {missing[0]})", path=str(path)
         )
+    if load_state is not None:
+        load_state(weights, optimizer_state_by_name(state["optimizer"], model, optimizer))
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        return step, state["extra"]
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(optimizer_state_by_index(state["optimizer"], model, optimizer))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return step, state["extra"]

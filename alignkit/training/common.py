@@ -49,8 +49,9 @@ class TrainConfig:
     bf16: Literal["auto", "true", "false"] = doc(
         "bf16 autocast: auto = where the CPU/GPU has it", "auto"
     )
-    distributed: Literal["none", "ddp"] = doc(
-        "data parallelism under torchrun: ddp (gloo on CPU, NCCL on GPU)", "none"
+    distributed: Literal["none", "ddp", "fsdp"] = doc(
+        "data parallelism under torchrun: ddp, or fsdp (FSDP2 sharding); gloo on CPU, NCCL on GPU",
+        "none",
     )
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings"})
 

@@ -1,4 +1,5 @@
-"""Data parallelism on PyTorch's own engine: ``torchrun`` + DDP (gloo on CPU, NCCL on GPU).
+"""Data parallelism on PyTorch's own engine: ``torchrun`` + DDP or FSDP2 (gloo on CPU,
+NCCL on GPU).
 
 A run launched by ``torchrun --nproc-per-node N`` sees ``WORLD_SIZE=N``; with
 ``distributed=ddp`` each rank takes an equal slice of every global batch, the
@@ -6,11 +7,19 @@ model is wrapped in ``DistributedDataParallel`` (gradients averaged across ranks
 during backward), metrics are averaged, and only rank 0 writes logs, checkpoints
 and the final model. ``batch_size`` stays the *global* batch, so 2 processes
 follow the same loss trajectory as 1 process.
+
+``distributed=fsdp`` shards instead (``torch.distributed.fsdp.fully_shard``, FSDP2):
+each decoder layer is one parameter group and the loss module the root, so
+parameters, gradients and optimizer state are split over the ranks and gathered
+layer by layer. Checkpoints and the final model are gathered into full tensors
+(``torch.distributed.checkpoint.state_dict``) and written by rank 0 in the same
+format as a single-process run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +50,11 @@ class Distributed:
 
     rank: int = 0
     world_size: int = 1
+    mode: str = "none"  # none | ddp | fsdp
+
+    @property
+    def sharded(self) -> bool:
+        return self.enabled and self.mode == "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -52,14 +66,78 @@ class Distributed:
 
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's contiguous, equal slice of a global batch."""
+        start, stop = self.part(len(indices))
+        return indices[start:stop]
+
+    def part(self, count: int) -> tuple[int, int]:
+        """[start, stop) of this rank's contiguous, equal slice of ``count`` items."""
         if not self.enabled:
-            return indices
-        size = len(indices) // self.world_size
-        return indices[self.rank * size : (self.rank + 1) * size]
+            return 0, count
+        size = count // self.world_size
+        return self.rank * size, (self.rank + 1) * size
+
+    def local_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous, equal chunk of a global minibatch's row indices."""
+        if not self.enabled:
+            return index
+        return index.tensor_split(self.world_size)[self.rank]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (tensors, lists, dicts, dataclasses of them), in rank order.
+
+        Tensors travel through the CPU and arrive on this rank's device (a pickled CUDA
+        tensor would otherwise land on the sender's GPU)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, _moved(obj, torch.device("cpu")))
+        return [_moved(part, _device()) for part in out]
+
+    def weighted_sum(
+        self, values: dict[str, float], weights: dict[str, float] | float
+    ) -> dict[str, float]:
+        """sum over ranks of weight x value, per key (same keys on every rank).
+
+        A statistic that is a mean over a global minibatch is the sum of each rank's mean
+        over its own rows weighted by its share of them (of tokens, or of rows).
+        """
+        if not self.enabled or not values:
+            return values
+        keys = sorted(values)
+        share = [weights if isinstance(weights, float) else weights[k] for k in keys]
+        scaled = [values[k] * w for k, w in zip(keys, share, strict=True)]
+        packed = torch.tensor(scaled, dtype=torch.float64, device=_device())
+        dist.all_reduce(packed)
+        summed = {k: float(v) for k, v in zip(keys, packed, strict=True)}
+        return {k: summed[k] for k in values}
+
+    def max(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        packed = torch.tensor([value], dtype=torch.float64, device=_device())
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        return float(packed)
+
+    def sum_gradients(self, params: list[nn.Parameter]) -> None:
+        """Sum the gradients of ``params`` over ranks (one flat all-reduce); a parameter
+        without a gradient on this rank contributes zeros. Each rank's loss must already
+        carry its share of the global mean."""
+        if not self.enabled or not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for param, grad in zip(params, grads, strict=True):
+            size = grad.numel()
+            param.grad = flat[offset : offset + size].view_as(grad).to(grad.dtype)
+            offset += size
 
     def wrap(self, module: nn.Module) -> nn.Module:
         if not self.enabled:
             return module
+        if self.sharded:
+            return _fully_shard(module)
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
         return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
@@ -67,14 +145,79 @@ class Distributed:
         """Skip the gradient all-reduce (for all but the last accumulated micro-batch)."""
         if isinstance(module, nn.parallel.DistributedDataParallel):
             return module.no_sync()
+        if self.sharded:
+            return _fsdp_no_sync(module)
         return contextlib.nullcontext()
+
+    def full_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trainable parameters as full CPU tensors (a collective: call on every
+        rank; rank 0 gets the tensors, the others an empty dict)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+        names = {name for name, p in model.named_parameters() if p.requires_grad}
+        return {k: v.contiguous() for k, v in state.items() if k in names}
+
+    def full_optimizer_state(self, model: nn.Module, optimizer: Any) -> dict[str, Any]:
+        """The optimizer state gathered into full tensors, keyed by parameter name
+        (a collective; rank 0 gets it)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, optimizer, options=options)
+
+    def load_full_state(
+        self,
+        model: nn.Module,
+        optimizer: Any,
+        weights: dict[str, torch.Tensor],
+        optimizer_state: dict[str, Any],
+    ) -> None:
+        """Shard full weights and optimizer state (as :meth:`full_weights` and
+        :meth:`full_optimizer_state` return them) into the model and optimizer."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, weights, options=options)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+    def unshard_for_saving(self, model: nn.Module) -> None:
+        """Replace the sharded parameters by full ones, in place, on every rank (a
+        collective), so ``save_pretrained`` writes a plain HF directory. The model is
+        not trained after this."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        with torch.no_grad():
+            for name, param in list(model.named_parameters()):
+                owner_name, _, attr = name.rpartition(".")
+                owner = model.get_submodule(owner_name) if owner_name else model
+                full = nn.Parameter(state[name].detach().clone(), param.requires_grad)
+                setattr(owner, attr, full)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average scalar metrics over ranks (same keys on every rank)."""
         if not self.enabled or not values:
             return values
         keys = sorted(values)
-        packed = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        # NCCL reduces only GPU tensors
+        packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_device())
         dist.all_reduce(packed)
         return {k: float(v) / self.world_size for k, v in zip(keys, packed, strict=True)}
 
@@ -83,14 +226,74 @@ class Distributed:
             dist.barrier()
 
 
-def setup(mode: str, batch_size: int) -> Distributed:
+def _device() -> torch.device:
+    """Where this rank's collectives run: its GPU under NCCL, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _moved(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor inside (lists, tuples, dicts, dataclasses) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _moved(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_moved(v, device) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: _moved(getattr(obj, f.name), device) for f in dataclasses.fields(obj)}
+        return dataclasses.replace(obj, **changes)
+    return obj
+
+
+def _decoder_layers(module: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: the classes HF lists in ``_no_split_modules``."""
+    names: set[str] = set()
+    for sub in module.modules():
+        names.update(getattr(sub, "_no_split_modules", None) or [])
+    return [sub for sub in module.modules() if type(sub).__name__ in names]
+
+
+def _fully_shard(module: nn.Module) -> nn.Module:
+    """FSDP2: each decoder layer one parameter group, ``module`` (the loss) the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    for layer in _decoder_layers(module):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(module, mesh=mesh)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: nn.Module) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def require_split(job: Distributed, count: int, field: str) -> None:
+    """Under several ranks ``count`` (a per-update batch) must split evenly."""
+    if job.enabled and count % job.world_size:
+        raise InputError(
+            f"{count} does not split evenly over {job.world_size} processes",
+            path="config",
+            field=field,
+        )
+
+
+def setup(mode: str, batch_size: int, field: str = "batch_size") -> Distributed:
     """Join the process group that ``torchrun`` describes in the environment, if any."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Distributed()
     if mode == "none":
         raise InputError(
-            f"the run was launched on {world_size} processes; set distributed=ddp",
+            f"the run was launched on {world_size} processes; set distributed=ddp or fsdp",
             path="config",
             field="distributed",
         )
@@ -98,14 +301,14 @@ def setup(mode: str, batch_size: int) -> Distributed:
         raise InputError(
             f"global batch {batch_size} does not split evenly over {world_size} processes",
             path="config",
-            field="batch_size",
+            field=field,
         )
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
-    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
+    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(), mode=mode)
 
 
 @contextlib.contextmanager

@@ -102,7 +102,7 @@ def train_loop(
     keep_last: int = 2,
     log_steps: int = 1,
     eval_steps: int = 0,
-    evaluate: Callable[[], dict[str, float]] | None = None,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     resume: bool = False,
     desc: str = "",
     job: Distributed | None = None,
@@ -110,19 +110,35 @@ def train_loop(
     """Run ``max_steps`` optimizer steps of ``grad_accum`` micro-batches each.
 
     Under ``torchrun`` (``job`` with several ranks) every rank takes its slice of
-    each global micro-batch, DDP averages the gradients, and rank 0 alone writes
-    metrics and checkpoints.
+    each global micro-batch, DDP averages the gradients (or FSDP2 reduce-scatters
+    them into the shards), and rank 0 alone writes metrics and checkpoints.
+    ``evaluate(module)`` gets the model, or under FSDP2 the sharded loss module to call
+    on a batch.
     """
     job = job or Distributed()
     start_step, last_checkpoint = 0, None
+    if job.sharded:
+        # fully_shard replaces the parameters by sharded ones: the optimizer follows
+        old_names = {id(p): name for name, p in model.named_parameters()}
+        runner = job.wrap(LossModule(model, compute_loss))
+        new_params = dict(model.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [new_params[old_names[id(p)]] for p in group["params"]]
     if resume:
         found = latest_checkpoint(output_dir)
         if found is not None:
-            start_step, _ = load_checkpoint(found, model, optimizer, scheduler)
+            load_state = None
+            if job.sharded:
+
+                def load_state(weights: dict, optimizer_state: dict) -> None:
+                    job.load_full_state(model, optimizer, weights, optimizer_state)
+
+            start_step, _ = load_checkpoint(found, model, optimizer, scheduler, load_state)
             last_checkpoint = str(found)
     logger = MetricsLogger(output_dir, max_steps, start_step, desc=desc) if job.is_main else None
-    runner = job.wrap(LossModule(model, compute_loss))
-    use_fused_adam(optimizer)
+    if not job.sharded:
+        runner = job.wrap(LossModule(model, compute_loss))
+        use_fused_adam(optimizer)
     # bf16 copies of the weights for forward and backward, fp32 masters for the step;
     # DDP's gradient buckets are fixed to the fp32 parameters, so it keeps autocast alone.
     bf16_weights = bf16 and not job.enabled
@@ -152,7 +168,7 @@ def train_loop(
             metrics = {**_mean_metrics(parts), "grad_norm": grad_norm, "lr": lr}
             is_last = step == max_steps
             if evaluate is not None and (is_last or (eval_steps > 0 and step % eval_steps == 0)):
-                eval_metrics = evaluate()
+                eval_metrics = evaluate(runner if job.sharded else model)
                 metrics.update(eval_metrics)
                 model.train()
             if logger is not None:
@@ -160,9 +176,20 @@ def train_loop(
                     logger.log(step, metrics)
                 logger.advance()
             if save_steps > 0 and step % save_steps == 0 and not is_last:
+                weights = optimizer_state = None
+                if job.sharded:  # gathered on every rank, written by rank 0
+                    weights = job.full_weights(model)
+                    optimizer_state = job.full_optimizer_state(model, optimizer)
                 if job.is_main:
                     save_checkpoint(
-                        output_dir, step, model, optimizer, scheduler, keep_last=keep_last
+                        output_dir,
+                        step,
+                        model,
+                        optimizer,
+                        scheduler,
+                        keep_last=keep_last,
+                        weights=weights,
+                        optimizer_state=optimizer_state,
                     )
                 last_checkpoint = str(output_dir / "checkpoints" / f"step-{step:06d}")
     finally:
@@ -179,11 +206,15 @@ def evaluate_batches(
     compute_loss: LossFn,
     bf16: bool,
 ) -> dict[str, float]:
-    """Mean of ``compute_loss`` metrics over held-out batches, keys prefixed ``eval/``."""
+    """Mean of ``compute_loss`` metrics over held-out batches, keys prefixed ``eval/``.
+
+    ``model`` may be a (sharded) :class:`LossModule`, which computes the loss itself."""
     model.eval()
     parts = []
+    is_loss = isinstance(model, LossModule)
     for indices in batches:
-        with bf16_compute(model, enabled=bf16), autocast(enabled=bf16):
-            loss, part = compute_loss(model, make_batch(indices))
+        with bf16_compute(model, enabled=bf16 and not is_loss), autocast(enabled=bf16):
+            batch = make_batch(indices)
+            loss, part = model(batch) if is_loss else compute_loss(model, batch)
         parts.append({"loss": float(loss), **{k: float(v) for k, v in part.items()}})
     return {f"eval/{k}": v for k, v in _mean_metrics(parts).items()}

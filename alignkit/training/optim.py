@@ -55,7 +55,11 @@ def optimizer_step(
     """Clip, check for NaN/inf gradients, step, and zero the gradients; returns the grad norm."""
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
+    grad_norm = 0.0
+    if params:
+        total = torch.nn.utils.clip_grad_norm_(params, limit)
+        # FSDP2's gradients are sharded DTensors: their norm is one too
+        grad_norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
     check_finite(grad_norm, "gradient norm", step, last_checkpoint)
     optimizer.step()
     scheduler.step()

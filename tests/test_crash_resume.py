@@ -1,0 +1,272 @@
+"""Crash safety of every training recipe: SIGKILL at a random step, ``--resume``, and the
+final weights (and the metrics log) equal those of an uninterrupted run, bit for bit.
+
+Each case runs the recipe three times on the tiny model in fp32 with one thread: once
+straight through (in this process), once in a child process that is SIGKILLed right
+after a randomly chosen checkpoint appears (plus a random delay of up to 0.15 s, so the
+kill may land mid-step or while the next checkpoint is being written), and once more with
+``--resume`` in this process. The chosen step and delay are in every failure message; set
+``CRASH_SEED`` to replay one. (best-of-n trains nothing and refuses ``--resume``.)
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.cli import main
+
+from .conftest import REPO, write_jsonl
+from .online_toy import toy_overrides, write_prompts
+
+MAX_STEPS = 7
+KEEP_LAST = 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One intra-op thread here and in the child: the same reduction order in both."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _offline(command: str, data: str, *extra: str) -> list[str]:
+    return [command, f"data={data}", "batch_size=2", "lr=1e-3", "eval_fraction=0", *extra]
+
+
+def _online(command: str, prompts: Path, **extra: object) -> list[str]:
+    settings = {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 4, **extra}
+    overrides = toy_overrides("MODEL", prompts, Path("OUT"), **settings)
+    return [command] + [o for o in overrides if not o.startswith(("model=", "output_dir="))]
+
+
+def _unpaired(path: Path) -> Path:
+    rows = [
+        {"prompt": f"Do you like {topic}?", "completion": f"{word} {topic}", "label": good}
+        for topic in ("cats", "rain", "tea", "maps")
+        for word, good in (("yes", True), ("no", False))
+    ]
+    return write_jsonl(path, rows)
+
+
+def _cases(sft_data: Path, prefs: Path, prompts: Path) -> dict[str, list[str]]:
+    """Recipe arguments, each set so that resuming has state beyond the weights to restore."""
+    unpaired = _unpaired(prompts.with_name("unpaired.jsonl"))
+    return {
+        "sft": _offline("sft", str(sft_data)),
+        "reward": _offline("reward", str(prefs), "center_coef=0.01"),
+        "kto": _offline("dpo", str(unpaired), "loss=kto"),
+        # PPO: value head, adaptive KL controller, running reward moments, minibatches
+        "ppo": _online(
+            "ppo",
+            prompts,
+            epochs=2,
+            num_minibatches=2,
+            kl_coef=0.05,
+            kl_target=0.01,
+            kl_horizon=50,
+            reward_norm="true",
+        ),
+        "rloo": _online("rl", prompts, algo="rloo"),
+        "grpo": _online("rl", prompts, algo="grpo", epochs=2, num_minibatches=2),
+        "reinforce": _online("rl", prompts, algo="reinforce"),  # moving baseline
+        "rsft": _online("rsft", prompts, sft_steps=2, batch_size=2),
+        "online-dpo": _online("online-dpo", prompts, dpo_steps=2, batch_size=2),
+        # adaptive proposal: its weights, the KL schedule and the per-prompt Z(x) estimates
+        "dm": _online("dm", prompts, algo="gdcpp", proposal="adaptive", proposal_update_every=2),
+    }
+
+
+CASE_NAMES = [
+    "sft",
+    "reward",
+    "kto",
+    "ppo",
+    "rloo",
+    "grpo",
+    "reinforce",
+    "rsft",
+    "online-dpo",
+    "dm",
+]
+
+
+def _run_here(args: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 0, err[-2000:]
+
+
+def _metrics(out: Path) -> list[dict[str, str]]:
+    with (out / "metrics.csv").open() as handle:
+        return [
+            {k: v for k, v in row.items() if "seconds" not in k} for row in csv.DictReader(handle)
+        ]
+
+
+def _checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+
+
+def _kill_after_checkpoint(args: list[str], out: Path, step: int, delay: float) -> None:
+    """Start ``alignkit ARGS`` in a child and SIGKILL it ``delay`` s after checkpoint ``step``."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alignkit.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    marker = out / "checkpoints" / f"step-{step:06d}" / "meta.json"
+    deadline = time.time() + 240
+    while not (seen := marker.exists()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the child ended by itself: {err[-2000:]!r}"
+    assert seen, "the checkpoint never appeared"  # (pruning may have removed it since)
+    assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_sigkill_then_resume_gives_identical_weights(
+    name, tiny_model, sft_data, separable_prefs, tmp_path, capsys
+):
+    seed = int(os.environ.get("CRASH_SEED", random.SystemRandom().randrange(2**32)))
+    rng = random.Random(seed)
+    kill_step, delay = rng.randint(1, MAX_STEPS - 4), rng.uniform(0.0, 0.15)
+    where = f"{name}: killed {delay:.3f}s after checkpoint {kill_step} (CRASH_SEED={seed})"
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    recipe = _cases(sft_data, separable_prefs, prompts)[name]
+    common = [
+        *recipe,
+        f"model={tiny_model}",
+        f"max_steps={MAX_STEPS}",
+        "save_steps=1",
+        f"keep_last={KEEP_LAST}",
+        "seed=3",
+        "bf16=false",
+    ]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _run_here([*common, f"output_dir={straight}"], capsys)
+    _kill_after_checkpoint([*common, f"output_dir={killed}"], killed, kill_step, delay)
+    _run_here([*common, f"output_dir={killed}", "--resume"], capsys)
+
+    weights = ["model.safetensors"] + (["value_head.safetensors"] if name == "ppo" else [])
+    for file in weights:
+        expected, resumed = load_file(straight / file), load_file(killed / file)
+        assert expected.keys() == resumed.keys(), where
+        for key in expected:
+            assert torch.equal(expected[key], resumed[key]), f"{where}: {file} {key}"
+    assert _metrics(killed) == _metrics(straight), where
+    assert len(_metrics(straight)) >= MAX_STEPS
+    kept = _checkpoints(killed)
+    assert len(kept) == KEEP_LAST, (where, kept)  # older and half-written ones are gone
+    assert not [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")], where
+
+
+def test_ppo_checkpoint_holds_value_head_kl_controller_and_rollout_seed(
+    tiny_model, tmp_path, capsys
+):
+    """What a PPO resume restores besides the policy: the value head's weights, the
+    adaptive KL coefficient as it moved, the running reward moments and the next step's
+    sampling seed (the rollout RNG is a function of (seed, step))."""
+    from alignkit.recipes.online import rollout_seed
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "ppo"
+    args = _cases(Path(), Path(), prompts)["ppo"]
+    _run_here(
+        [*args, f"model={tiny_model}", f"output_dir={out}", "max_steps=3", "save_steps=1"],
+        capsys,
+    )
+    checkpoint = out / "checkpoints" / "step-000002"
+    weights = load_file(checkpoint / "model.safetensors")
+    assert {"critic.linear.weight", "critic.linear.bias"} <= weights.keys()
+    assert weights["critic.linear.weight"].abs().sum() > 0  # trained away from its zero init
+    extra = torch.load(checkpoint / "state.pt", weights_only=False)["extra"]
+    with (out / "metrics.csv").open() as handle:
+        rows = {int(r["step"]): r for r in csv.DictReader(handle)}
+    # the controller's value after step 2 is the coefficient step 3 used
+    assert extra["kl_controller"]["value"] == pytest.approx(float(rows[3]["kl_coef"]), rel=1e-12)
+    assert extra["kl_controller"]["value"] != 0.05  # it moved from kl_coef
+    assert extra["reward_stats"]["count"] == 2 * 2 * 2  # 2 steps x 2 prompts x 2 samples
+    assert extra["next_rollout_seed"] == rollout_seed(0, 3)
+
+
+_KILL_DURING = """
+import os, signal, sys
+import torch
+from alignkit.training import checkpoint
+
+out, when = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 4)
+optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+for step in (1, 2, 3):
+    with torch.no_grad():
+        model.weight.fill_(float(step))
+    if step == 3:
+        die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+        if when == "write":  # the weights are in the staging directory, state.pt is not
+            checkpoint.torch.save = die
+        else:  # the new checkpoint is in place; pruning the oldest is under way
+            checkpoint.shutil.rmtree = die
+    checkpoint.save_checkpoint(out, step, model, optimizer, scheduler, keep_last=2)
+"""
+
+
+@pytest.mark.parametrize("when", ["write", "prune"])
+def test_a_kill_inside_save_checkpoint_leaves_the_previous_ones_valid(when, tmp_path):
+    """SIGKILL while checkpoint 3 is being written (or while checkpoint 1 is being pruned):
+    the complete checkpoints still load, the debris is never listed, and the next save
+    sweeps it away."""
+    from alignkit.training.checkpoint import (
+        latest_checkpoint,
+        list_checkpoints,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_DURING, str(out), when], env=env, capture_output=True
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    debris = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert debris, "the kill left nothing half-done: it came too late"
+    expected = ["step-000001", "step-000002"] if when == "write" else ["step-000002", "step-000003"]
+    assert [p.name for p in list_checkpoints(out)] == expected
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    step, _ = load_checkpoint(latest_checkpoint(out), model, optimizer, scheduler)
+    assert step == int(expected[-1][-1])
+    assert torch.equal(model.weight, torch.full((4, 4), float(step)))
+    save_checkpoint(out, 4, model, optimizer, scheduler, keep_last=2)
+    left = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert left == [expected[-1], "step-000004"]
