@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this tree's alignkit
 
 from common import HERE, MARK, REPO, hh_pairs, write_jsonl  # noqa: E402
 
@@ -80,11 +81,18 @@ class Worker:
 
 
 def alignkit_env() -> dict[str, str]:
-    """The environment ``alignkit`` re-executes itself in (allocator, threads)."""
+    """The environment ``alignkit`` re-executes itself in (allocator, threads).
+
+    ``PYTHONPATH`` starts with this tree, so a worktree's worker runs its own alignkit,
+    not the editable install the venv points at.
+    """
     from alignkit.cli import runtime_env
 
     env = runtime_env(dict(os.environ))
-    return env if env is not None else dict(os.environ)
+    env = env if env is not None else dict(os.environ)
+    paths = [str(REPO), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
 
 
 def peer_env(args) -> dict[str, str]:
