@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from alignkit.errors import InputError
 from alignkit.logprobs import TokenLogps, token_logps
-from alignkit.models import autocast
+from alignkit.models import autocast, bf16_supported
 
 # Finished rows stay in the batch (fed padding) until at least this fraction of it
 # has finished; then the batch and its cache are compacted in one copy.
@@ -179,6 +179,52 @@ def _cacheable_casts(model: nn.Module) -> Iterator[None]:
             parameter.requires_grad_(False)
 
 
+def prepacking_supported(device: torch.device) -> bool:
+    """True where oneDNN can run bf16 linears from pre-packed weights (CPU with bf16)."""
+    return (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+@contextlib.contextmanager
+def _prepacked_linears(model: nn.Module, batch_hint: int, enabled: bool) -> Iterator[None]:
+    """Every ``nn.Linear`` runs in bf16 from a weight reordered once for oneDNN.
+
+    A bf16 ``F.linear`` on CPU reorders its weight into oneDNN's blocked layout at
+    every call: at decode time (a few rows per call) that copy costs about as much as
+    the product itself, 1.3-2x per linear here (docs/benchmarks.md). Packing each
+    weight once per :func:`generate` call (the policy changes between calls) removes
+    it. The result is what autocast's bf16 linear returns, bit for bit (tested):
+    bf16 input, weight and bias, bf16 output. Only for no-grad use.
+    """
+    if not enabled:
+        yield
+        return
+    patched = []
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is not nn.Linear or module.weight.device.type != "cpu":
+                continue
+            weight = module.weight.detach().to(torch.bfloat16)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=batch_hint)
+            bias = None if module.bias is None else module.bias.detach().to(torch.bfloat16)
+
+            def forward(x: torch.Tensor, packed=packed, bias=bias) -> torch.Tensor:
+                flat = x.to(torch.bfloat16).reshape(-1, x.shape[-1])
+                out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+                return out.view(*x.shape[:-1], out.shape[-1])
+
+            module.forward = forward
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            vars(module).pop("forward", None)
+
+
 def _left_pad(
     prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,6 +332,7 @@ def generate(
     params: SamplingParams,
     num_samples: int = 1,
     bf16: bool | None = None,
+    prepack: bool | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` completions for each prompt: one batch, KV cache, per-row EOS stop.
 
@@ -293,6 +340,8 @@ def generate(
     :func:`alignkit.data.tokenize.encode_prompt`). Returns N = B x num_samples rows,
     samples of one prompt contiguous. The same seed and inputs give the same tokens.
     ``bf16`` None = bf16 autocast where the CPU supports it; False = fp32.
+    ``prepack`` None = under bf16 on CPU, run the linears from weights packed once for
+    oneDNN (same numbers, :func:`_prepacked_linears`); False = plain autocast linears.
 
     Runs under ``torch.no_grad`` rather than ``torch.inference_mode``: under
     inference mode autocast does not keep its bf16 weight casts between steps,
@@ -319,11 +368,19 @@ def generate(
     attention[:, :prompt_length] = prompt_mask.repeat_interleave(num_samples, dim=0)
     first_position = prompt_mask.sum(-1).repeat_interleave(num_samples)  # (N,)
 
+    use_bf16 = bf16_supported() if bf16 is None else bf16
+    if prepack is None:
+        prepack = use_bf16 and prepacking_supported(device)
     was_training = model.training
     model.eval()
     steps = 0
     try:
-        with torch.no_grad(), autocast(device, enabled=bf16), _cacheable_casts(model):
+        with (
+            torch.no_grad(),
+            autocast(device, enabled=use_bf16),
+            _cacheable_casts(model),
+            _prepacked_linears(model, rows_total, enabled=prepack and use_bf16),
+        ):
             cache = _new_cache(model, prompt_length + max_steps)
             # 1. prefill: each prompt once, then its cache and logits repeated per sample
             output = model(

@@ -6,6 +6,8 @@
   tolerance, masters untouched and gradients fp32;
 - the fused AdamW step: the same update as the per-tensor loop;
 - reference scoring grouped by prompt: the same sums as one row at a time;
+- sampling with linears run from pre-packed bf16 weights: the same tokens and
+  log-probs as autocast's linears, and the model's own linears back afterwards;
 - the CLI's runtime environment: the allocator is preloaded once, and can be turned off.
 """
 
@@ -23,10 +25,11 @@ from alignkit.config import load_config
 from alignkit.data import collate_pairs
 from alignkit.data.tokenize import TokenizedPair
 from alignkit.logprobs import token_logps
-from alignkit.models import autocast, bf16_compute, load_policy
+from alignkit.models import autocast, bf16_compute, load_policy, load_tokenizer
 from alignkit.recipes import dpo
 from alignkit.recipes.dpo import make_pairwise_loss
 from alignkit.reference import score_sequences
+from alignkit.rollout import SamplingParams, generate, prepacking_supported
 from alignkit.training import loop
 from alignkit.training.loop import use_fused_adam
 from alignkit.training.optim import build_optimizer
@@ -236,3 +239,25 @@ def test_runtime_env_preloads_the_allocator_once(tmp_path):
     assert "LD_PRELOAD" not in missing and missing["OMP_WAIT_POLICY"] == "PASSIVE"
     found = cli.find_allocator({})
     assert found is None or os.path.isfile(found)
+
+
+def test_prepacked_linears_sample_the_autocast_tokens_and_logps(tiny_model):
+    assert prepacking_supported(torch.device("cpu"))  # this machine has AVX512-BF16
+    model = load_policy(tiny_model)  # trainable, as the policy of an online step
+    tokenizer = load_tokenizer(tiny_model)
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(5, 3000, (n,), generator=generator).tolist() for n in (13, 5, 9)]
+    probe = torch.tensor([prompts[0]])
+    with torch.no_grad(), autocast(enabled=True):
+        before = model(input_ids=probe).logits
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, seed=7)
+    plain = generate(model, tokenizer, prompts, params, 2, bf16=True, prepack=False)
+    fast = generate(model, tokenizer, prompts, params, 2, bf16=True, prepack=True)
+    assert torch.equal(fast.input_ids, plain.input_ids)
+    assert torch.equal(fast.completion_mask, plain.completion_mask)
+    assert plain.completion_lengths.sum() >= 12  # something was sampled
+    assert torch.allclose(fast.sampling_logps, plain.sampling_logps, atol=1e-6)
+    # the model's own linears are back: no instance forward left, same logits as before
+    assert not any("forward" in vars(m) for m in model.modules())
+    with torch.no_grad(), autocast(enabled=True):
+        assert torch.equal(model(input_ids=probe).logits, before)
