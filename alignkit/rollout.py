@@ -32,6 +32,8 @@ from alignkit.models import autocast, bf16_supported
 # Finished rows stay in the batch (fed padding) until at least this fraction of it
 # has finished; then the batch and its cache are compacted in one copy.
 _COMPACT_FRACTION = 1 / 8
+# One more prefill forward costs about as much as this many padded prompt tokens.
+_BUCKET_OVERHEAD = 32
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,22 @@ class _PreallocatedLayer(DynamicLayer):
         self._refresh_views()
         return self.keys, self.values
 
+    def place(self, rows: torch.Tensor, piece: _PreallocatedLayer, batch: int, width: int) -> None:
+        """Write ``piece``'s states (its rows prefilled apart) at ``rows``, ending at ``width``.
+
+        The buffers start as zeros here, so slots left of a short prompt hold zeros
+        (masked out) rather than uninitialised memory, which could be NaN.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(piece.keys[:1], piece.values[:1])
+            self.key_buffer = self.key_buffer.new_zeros(batch, *self.key_buffer.shape[1:])
+            self.value_buffer = self.value_buffer.new_zeros(batch, *self.value_buffer.shape[1:])
+        start = width - piece.length
+        self.key_buffer[rows, :, start:width] = piece.keys.to(self.key_buffer.dtype)
+        self.value_buffer[rows, :, start:width] = piece.values
+        self.length = width
+        self._refresh_views()
+
     def _refresh_views(self) -> None:
         self.keys = self.key_buffer[:, :, : self.length]
         self.values = self.value_buffer[:, :, : self.length]
@@ -152,6 +170,80 @@ class _PreallocatedLayer(DynamicLayer):
             self.key_buffer = self.key_buffer[indices]
             self.value_buffer = self.value_buffer[indices]
             self._refresh_views()
+
+
+def length_buckets(lengths: Sequence[int], overhead: int | None = None) -> list[list[int]]:
+    """Prompts grouped for prefill: index lists, each group padded to its longest.
+
+    Minimises sum(group size x longest prompt in it) + ``overhead`` tokens per group
+    (the cost of one more forward call; default ``_BUCKET_OVERHEAD``) over groups of consecutive lengths, by dynamic
+    programming over the sorted lengths. One group when splitting does not pay.
+    """
+    overhead = _BUCKET_OVERHEAD if overhead is None else overhead
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    count = len(order)
+    best = [0.0] + [float("inf")] * count  # best[j]: cost of the first j sorted prompts
+    cut = [0] * (count + 1)
+    for end in range(1, count + 1):
+        for start in range(end):
+            cost = best[start] + (end - start) * sorted_lengths[end - 1] + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], count
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def _prefill(
+    model: nn.Module,
+    cache: Cache,
+    prompt_ids: Sequence[Sequence[int]],
+    prompt_tensor: torch.Tensor,  # (B, P) left-padded
+    prompt_mask: torch.Tensor,  # (B, P)
+    pad_id: int,
+) -> torch.Tensor:
+    """Run the prompts into ``cache`` (B rows, prompts ending at column P); last logits (B, V).
+
+    Left padding to the longest prompt would compute every pad position. Prompts are
+    run in :func:`length_buckets` groups instead, each padded to its own longest, and
+    their keys and values written at their rows and columns of the cache, whose other
+    slots are zeros under a masked-out position: the states of the one padded batch.
+    """
+    batch, width = prompt_tensor.shape
+    groups = length_buckets([len(ids) for ids in prompt_ids])
+    if len(groups) == 1:
+        output = model(
+            input_ids=prompt_tensor,
+            attention_mask=prompt_mask,
+            position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return output.logits[:, -1].float()
+    logits = None
+    for rows in groups:
+        ids, mask = _left_pad([prompt_ids[i] for i in rows], pad_id, prompt_tensor.device)
+        part = _new_cache(model, ids.shape[1])
+        output = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=part,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        last = output.logits[:, -1].float()
+        if logits is None:
+            logits = last.new_empty(batch, last.shape[-1])
+        index = torch.tensor(rows, device=prompt_tensor.device)
+        logits[index] = last
+        for layer, piece in zip(cache.layers, part.layers, strict=True):
+            layer.place(index, piece, batch, width)
+    return logits
 
 
 def _new_cache(model: nn.Module, capacity: int) -> Cache:
@@ -382,16 +474,10 @@ def generate(
             _prepacked_linears(model, rows_total, enabled=prepack and use_bf16),
         ):
             cache = _new_cache(model, prompt_length + max_steps)
-            # 1. prefill: each prompt once, then its cache and logits repeated per sample
-            output = model(
-                input_ids=prompt_tensor,
-                attention_mask=prompt_mask,
-                position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            logits = output.logits[:, -1].float().repeat_interleave(num_samples, dim=0)  # (N, V)
+            # 1. prefill: each prompt once (prompts of like length together, so little
+            # padding is computed), then its cache and logits repeated per sample
+            logits = _prefill(model, cache, prompt_ids, prompt_tensor, prompt_mask, pad_id)
+            logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V)
             cache.batch_repeat_interleave(num_samples)
             rows = torch.arange(rows_total, device=device)  # rows still in the batch
             # 2. decode one token per step
