@@ -39,7 +39,8 @@ test: install lint
 # TRL goes into its own venv (.venv-bench) that sees the project's packages through a
 # .pth file, so the project's venv never changes; the peer runs there as a subprocess.
 BENCH_VENV := .venv-bench
-BENCH_ARGS ?=
+# 3 measured steps after 1 warm-up per case: the two cores are shared, so cases stay short.
+BENCH_ARGS ?= --steps 3 --warmup 1
 
 $(BENCH_VENV)/.installed: $(STAMP)
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
@@ -49,9 +50,11 @@ $(BENCH_VENV)/.installed: $(STAMP)
 	$(BENCH_VENV)/bin/python -c "import trl, torch; print('trl', trl.__version__, 'torch', torch.__version__)"
 	touch $@
 
+# Every case against its peer, then the memory table (docs/benchmarks.md records both).
 bench: install $(BENCH_VENV)/.installed
 	-bash scripts/install-allocator.sh
-	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/run.py memory
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -28,11 +28,13 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from alignkit.errors import InputError
 from alignkit.logprobs import TokenLogps, token_logps
-from alignkit.models import autocast
+from alignkit.models import autocast, bf16_supported
 
 # Finished rows stay in the batch (fed padding) until at least this fraction of it
 # has finished; then the batch and its cache are compacted in one copy.
 _COMPACT_FRACTION = 1 / 8
+# One more prefill forward costs about as much as this many padded prompt tokens.
+_BUCKET_OVERHEAD = 32
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,22 @@ class _PreallocatedLayer(DynamicLayer):
         self._refresh_views()
         return self.keys, self.values
 
+    def place(self, rows: torch.Tensor, piece: _PreallocatedLayer, batch: int, width: int) -> None:
+        """Write ``piece``'s states (its rows prefilled apart) at ``rows``, ending at ``width``.
+
+        The buffers start as zeros here, so slots left of a short prompt hold zeros
+        (masked out) rather than uninitialised memory, which could be NaN.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(piece.keys[:1], piece.values[:1])
+            self.key_buffer = self.key_buffer.new_zeros(batch, *self.key_buffer.shape[1:])
+            self.value_buffer = self.value_buffer.new_zeros(batch, *self.value_buffer.shape[1:])
+        start = width - piece.length
+        self.key_buffer[rows, :, start:width] = piece.keys.to(self.key_buffer.dtype)
+        self.value_buffer[rows, :, start:width] = piece.values
+        self.length = width
+        self._refresh_views()
+
     def _refresh_views(self) -> None:
         self.keys = self.key_buffer[:, :, : self.length]
         self.values = self.value_buffer[:, :, : self.length]
@@ -153,6 +171,80 @@ class _PreallocatedLayer(DynamicLayer):
             self.key_buffer = self.key_buffer[indices]
             self.value_buffer = self.value_buffer[indices]
             self._refresh_views()
+
+
+def length_buckets(lengths: Sequence[int], overhead: int | None = None) -> list[list[int]]:
+    """Prompts grouped for prefill: index lists, each group padded to its longest.
+
+    Minimises sum(group size x longest prompt in it) + ``overhead`` tokens per group
+    (the cost of one more forward call; default ``_BUCKET_OVERHEAD``) over groups of consecutive lengths, by dynamic
+    programming over the sorted lengths. One group when splitting does not pay.
+    """
+    overhead = _BUCKET_OVERHEAD if overhead is None else overhead
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    count = len(order)
+    best = [0.0] + [float("inf")] * count  # best[j]: cost of the first j sorted prompts
+    cut = [0] * (count + 1)
+    for end in range(1, count + 1):
+        for start in range(end):
+            cost = best[start] + (end - start) * sorted_lengths[end - 1] + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], count
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def _prefill(
+    model: nn.Module,
+    cache: Cache,
+    prompt_ids: Sequence[Sequence[int]],
+    prompt_tensor: torch.Tensor,  # (B, P) left-padded
+    prompt_mask: torch.Tensor,  # (B, P)
+    pad_id: int,
+) -> torch.Tensor:
+    """Run the prompts into ``cache`` (B rows, prompts ending at column P); last logits (B, V).
+
+    Left padding to the longest prompt would compute every pad position. Prompts are
+    run in :func:`length_buckets` groups instead, each padded to its own longest, and
+    their keys and values written at their rows and columns of the cache, whose other
+    slots are zeros under a masked-out position: the states of the one padded batch.
+    """
+    batch, width = prompt_tensor.shape
+    groups = length_buckets([len(ids) for ids in prompt_ids])
+    if len(groups) == 1:
+        output = model(
+            input_ids=prompt_tensor,
+            attention_mask=prompt_mask,
+            position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return output.logits[:, -1].float()
+    logits = None
+    for rows in groups:
+        ids, mask = _left_pad([prompt_ids[i] for i in rows], pad_id, prompt_tensor.device)
+        part = _new_cache(model, ids.shape[1])
+        output = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=part,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        last = output.logits[:, -1].float()
+        if logits is None:
+            logits = last.new_empty(batch, last.shape[-1])
+        index = torch.tensor(rows, device=prompt_tensor.device)
+        logits[index] = last
+        for layer, piece in zip(cache.layers, part.layers, strict=True):
+            layer.place(index, piece, batch, width)
+    return logits
 
 
 def _new_cache(model: nn.Module, capacity: int) -> Cache:
@@ -178,6 +270,52 @@ def _cacheable_casts(model: nn.Module) -> Iterator[None]:
     finally:
         for parameter in flipped:
             parameter.requires_grad_(False)
+
+
+def prepacking_supported(device: torch.device) -> bool:
+    """True where oneDNN can run bf16 linears from pre-packed weights (CPU with bf16)."""
+    return (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+@contextlib.contextmanager
+def _prepacked_linears(model: nn.Module, batch_hint: int, enabled: bool) -> Iterator[None]:
+    """Every ``nn.Linear`` runs in bf16 from a weight reordered once for oneDNN.
+
+    A bf16 ``F.linear`` on CPU reorders its weight into oneDNN's blocked layout at
+    every call: at decode time (a few rows per call) that copy costs about as much as
+    the product itself, 1.3-2x per linear here (docs/benchmarks.md). Packing each
+    weight once per :func:`generate` call (the policy changes between calls) removes
+    it. The result is what autocast's bf16 linear returns, bit for bit (tested):
+    bf16 input, weight and bias, bf16 output. Only for no-grad use.
+    """
+    if not enabled:
+        yield
+        return
+    patched = []
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is not nn.Linear or module.weight.device.type != "cpu":
+                continue
+            weight = module.weight.detach().to(torch.bfloat16)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=batch_hint)
+            bias = None if module.bias is None else module.bias.detach().to(torch.bfloat16)
+
+            def forward(x: torch.Tensor, packed=packed, bias=bias) -> torch.Tensor:
+                flat = x.to(torch.bfloat16).reshape(-1, x.shape[-1])
+                out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+                return out.view(*x.shape[:-1], out.shape[-1])
+
+            module.forward = forward
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            vars(module).pop("forward", None)
 
 
 def _left_pad(
@@ -310,6 +448,7 @@ def generate(
     num_samples: int = 1,
     bf16: bool | None = None,
     first_row: int | None = None,
+    prepack: bool | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` completions for each prompt: one batch, KV cache, per-row EOS stop.
 
@@ -317,6 +456,8 @@ def generate(
     :func:`alignkit.data.tokenize.encode_prompt`). Returns N = B x num_samples rows,
     samples of one prompt contiguous. The same seed and inputs give the same tokens.
     ``bf16`` None = bf16 autocast where the CPU supports it; False = fp32.
+    ``prepack`` None = under bf16 on CPU, run the linears from weights packed once for
+    oneDNN (same numbers, :func:`_prepacked_linears`); False = plain autocast linears.
 
     Runs under ``torch.no_grad`` rather than ``torch.inference_mode``: under
     inference mode autocast does not keep its bf16 weight casts between steps,
@@ -352,22 +493,24 @@ def generate(
     attention[:, :prompt_length] = prompt_mask.repeat_interleave(num_samples, dim=0)
     first_position = prompt_mask.sum(-1).repeat_interleave(num_samples)  # (N,)
 
+    use_bf16 = bf16_supported() if bf16 is None else bf16
+    if prepack is None:
+        prepack = use_bf16 and prepacking_supported(device)
     was_training = model.training
     model.eval()
     steps = 0
     try:
-        with torch.no_grad(), autocast(device, enabled=bf16), _cacheable_casts(model):
+        with (
+            torch.no_grad(),
+            autocast(device, enabled=use_bf16),
+            _cacheable_casts(model),
+            _prepacked_linears(model, rows_total, enabled=prepack and use_bf16),
+        ):
             cache = _new_cache(model, prompt_length + max_steps)
-            # 1. prefill: each prompt once, then its cache and logits repeated per sample
-            output = model(
-                input_ids=prompt_tensor,
-                attention_mask=prompt_mask,
-                position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            logits = output.logits[:, -1].float().repeat_interleave(num_samples, dim=0)  # (N, V)
+            # 1. prefill: each prompt once (prompts of like length together, so little
+            # padding is computed), then its cache and logits repeated per sample
+            logits = _prefill(model, cache, prompt_ids, prompt_tensor, prompt_mask, pad_id)
+            logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V)
             cache.batch_repeat_interleave(num_samples)
             rows = torch.arange(rows_total, device=device)  # rows still in the batch
             # 2. decode one token per step

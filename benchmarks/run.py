@@ -10,6 +10,7 @@ between rounds in this process, for MFU. Ratios come from one run.
     python benchmarks/run.py                        # every case
     python benchmarks/run.py --cases dpo,generate --steps 3
     python benchmarks/run.py memory                 # peak RSS table (alignkit only)
+    python benchmarks/run.py allocator              # DPO steps, tcmalloc against glibc malloc
 
 The peer runs with the Python given by ``--peer-python`` (default ``.venv-bench``,
 a venv with TRL that sees the project's packages); alignkit runs with the project's
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this tree's alignkit
 
 from common import HERE, MARK, REPO, hh_pairs, write_jsonl  # noqa: E402
 
@@ -80,11 +82,18 @@ class Worker:
 
 
 def alignkit_env() -> dict[str, str]:
-    """The environment ``alignkit`` re-executes itself in (allocator, threads)."""
+    """The environment ``alignkit`` re-executes itself in (allocator, threads).
+
+    ``PYTHONPATH`` starts with this tree, so a worktree's worker runs its own alignkit,
+    not the editable install the venv points at.
+    """
     from alignkit.cli import runtime_env
 
     env = runtime_env(dict(os.environ))
-    return env if env is not None else dict(os.environ)
+    env = env if env is not None else dict(os.environ)
+    paths = [str(REPO), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
 
 
 def peer_env(args) -> dict[str, str]:
@@ -367,6 +376,43 @@ def case_generate(args, workdir: Path, results: dict) -> None:
     results["generate"] = entry
 
 
+def allocator_ab(args, workdir: Path) -> dict:
+    """DPO steps of alignkit with the preloaded allocator against glibc malloc, interleaved."""
+    from alignkit.models import resolve_model  # noqa: F401  (model converted before timing)
+
+    steps = args.warmup + args.steps
+    rows = fitting_rows(steps * args.batch_size, args.max_length)
+    params = {
+        "model": MODEL,
+        "data": str(write_jsonl(workdir / "alloc.jsonl", rows)),
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "lr": 5e-6,
+        "beta": 0.1,
+        "bf16": "true",
+        "eval_fraction": 0.0,
+        "seed": 0,
+    }
+    with_lib = alignkit_env()
+    without = {**with_lib, "LD_PRELOAD": os.environ.get("LD_PRELOAD", "")}
+    print(f"[allocator] DPO batch {args.batch_size}: LD_PRELOAD={with_lib.get('LD_PRELOAD')}")
+    workers = [
+        start("alloc-preloaded", "alignkit", "dpo", params, workdir, sys.executable, with_lib),
+        start("alloc-glibc", "alignkit", "dpo", params, workdir, sys.executable, without),
+    ]
+    interleave(workers, steps)
+    for worker in workers:
+        worker.stop()
+    result = {}
+    for worker in workers:
+        result[worker.name] = {
+            **rate(worker.units, args.warmup),
+            "peak_rss_mb": worker.final["peak_rss_mb"],
+        }
+        print(f"  {worker.name}: {result[worker.name]}")
+    return result
+
+
 # -- report -------------------------------------------------------------------------------
 
 
@@ -452,7 +498,9 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", default="compare", choices=["compare", "memory"])
+    parser.add_argument(
+        "mode", nargs="?", default="compare", choices=["compare", "memory", "allocator"]
+    )
     parser.add_argument("--cases", default="generate,dpo,reward,rl,sft")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per worker")
     parser.add_argument("--warmup", type=int, default=1)
@@ -479,6 +527,8 @@ def main() -> None:
         from memory import memory_table
 
         results["memory"] = memory_table(workdir, alignkit_env())
+    elif args.mode == "allocator":
+        results["allocator"] = allocator_ab(args, workdir)
     else:
         for case in args.cases.split(","):
             began = time.time()

@@ -155,7 +155,9 @@ def main() -> None:
     emit("start", case=case, python=sys.executable, time=time.time())
     import torch
 
-    emit("env", threads=torch.get_num_threads())
+    import alignkit
+
+    emit("env", threads=torch.get_num_threads(), alignkit=alignkit.__file__)
     if case in ("dpo", "reward", "sft"):
         offline(case, params, gate)
     elif case in ("rl", "ppo"):

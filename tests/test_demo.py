@@ -57,3 +57,42 @@ def test_quick_demo_end_to_end(tmp_path):
     # the table printed at the end names every finished method
     for name in methods:
         assert name in completed.stdout
+
+
+def test_demo_resume_keeps_finished_stages_and_refuses_other_settings(tiny_model, tmp_path):
+    """A killed demo continues: finished stages are kept, the missing one runs, settings must match."""
+    from alignkit.cli import run
+
+    out = tmp_path / "demo"
+    settings = [
+        f"model={tiny_model}", f"output_dir={out}", "methods=dpo,best_of_n",
+        "feedback_prompts=8", "k=2", "max_new_tokens=6", "reward_steps=2", "dpo_steps=2",
+        "bon_n=2", "eval_prompts=4", "threads=1",
+    ]  # fmt: skip
+    assert run(["demo", "--quick", *settings]) == 0
+    timings = json.loads((out / "timings.json").read_text())
+    reward_weights = out / "reward_model" / "model.safetensors"
+    reward_mtime = reward_weights.stat().st_mtime_ns
+    dpo_weights = out / "dpo" / "model.safetensors"
+    # "kill" the run after the reward model: best-of-n never wrote its summary
+    (out / "best_of_n" / "summary.json").unlink()
+    (out / "report.html").unlink()
+
+    assert run(["demo", "--quick", "--resume", *settings]) == 0
+    resumed = json.loads((out / "timings.json").read_text())
+    for stage in ("sample", "feedback", "reward_model", "dpo"):
+        assert resumed[stage] == timings[stage], stage  # not run again
+    assert reward_weights.stat().st_mtime_ns == reward_mtime
+    assert dpo_weights.is_file()
+    assert (out / "best_of_n" / "summary.json").is_file()  # the missing stage ran
+    assert (out / "report.html").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert {p["name"] for p in results["policies"]} == {"dpo", "best_of_n"}
+
+    from alignkit.errors import InputError
+
+    with pytest.raises(InputError, match="other settings"):
+        run(["demo", "--quick", "--resume", *settings, "dpo_steps=3"])
+    with pytest.raises(InputError, match="--resume"):
+        run(["demo", "--quick", *settings])  # an existing run is never replaced silently
+    assert reward_weights.stat().st_mtime_ns == reward_mtime

@@ -167,3 +167,43 @@ def test_bad_input_is_one_line_exit_2(extra, message, tmp_path, capsys, tiny_mod
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "e.json").exists()
+
+
+def test_completions_files_are_scored_as_a_system(tmp_path, capsys, tiny_model, prompts_file):
+    """--completions: e.g. two best-of-4 runs as samples 0 and 1; gold of the given texts,
+    the best-of-n KL bound, no policy needed; a prompt that differs is one line, exit 2."""
+    from alignkit.tasks.sentiment import gold
+
+    texts = [[f" a wonderful, great film {i}", f" an awful, boring mess {i}"] for i in range(6)]
+    files = []
+    for j in range(2):
+        rows = [
+            {"prompt": p, "completion": texts[i][j], "rewards": [0.1, 0.2, 0.3, 0.4]}
+            for i, p in enumerate(PROMPTS)
+        ]
+        files.append(str(write_jsonl(tmp_path / f"bon{j}.jsonl", rows)))
+    output = tmp_path / "eval.json"
+    base = ["eval", "--prompts", str(prompts_file), "--gold", "alignkit.tasks.sentiment:gold",
+            "--reference", tiny_model, "--samples-per-prompt", "2", "--max-new-tokens", "6",
+            "--bootstrap", "200", "--output", str(output)]  # fmt: skip
+    code, out, err = run_cli([*base, "--completions", "bon=" + ",".join(files)], capsys)
+    assert code == 0, err
+    (policy,) = json.loads(output.read_text())["policies"]
+    assert policy["name"] == "bon"
+    assert [s["completion"] for s in policy["samples"]] == [t for pair in texts for t in pair]
+    expected = gold([p for p in PROMPTS for _ in range(2)], [t for pair in texts for t in pair])
+    assert [s["gold"] for s in policy["samples"]] == pytest.approx(list(expected))
+    assert policy["kl"]["k3"] is None
+    assert policy["kl"]["upper_bound"] == pytest.approx(math.log(4) - 3 / 4)
+    assert "<= 0.636" in out
+    # one file gives one sample per prompt, but 2 are asked for; and a prompt that differs
+    output.unlink()
+    code, _, err = run_cli([*base, "--completions", f"bon={files[0]}"], capsys)
+    assert code == 2 and "prompt 1 has 1 completions" in err and len(err.splitlines()) == 1
+    rows = [json.loads(x) for x in open(files[1])]
+    rows[2]["prompt"] = "something else"
+    write_jsonl(tmp_path / "bad.jsonl", rows)
+    code, _, err = run_cli([*base, "--completions", f"bon={files[0]},{tmp_path / 'bad.jsonl'}"],
+                           capsys)  # fmt: skip
+    assert code == 2 and "bad.jsonl:3" in err and "prompt" in err and len(err.splitlines()) == 1
+    assert not output.exists()

@@ -6,6 +6,10 @@
   tolerance, masters untouched and gradients fp32;
 - the fused AdamW step: the same update as the per-tensor loop;
 - reference scoring grouped by prompt: the same sums as one row at a time;
+- sampling with linears run from pre-packed bf16 weights: the same tokens and
+  log-probs as autocast's linears, and the model's own linears back afterwards;
+- prompts prefilled in groups of like length: the groups worked by hand, and the
+  same tokens (fp32) and last logits and cache (bf16 tolerance) as one padded batch;
 - the CLI's runtime environment: the allocator is preloaded once, and can be turned off.
 """
 
@@ -18,15 +22,16 @@ import os
 import pytest
 import torch
 
-from alignkit import cli, logprobs
+from alignkit import cli, logprobs, rollout
 from alignkit.config import load_config
 from alignkit.data import collate_pairs
 from alignkit.data.tokenize import TokenizedPair
 from alignkit.logprobs import token_logps
-from alignkit.models import autocast, bf16_compute, load_policy
+from alignkit.models import autocast, bf16_compute, load_policy, load_tokenizer
 from alignkit.recipes import dpo
 from alignkit.recipes.dpo import make_pairwise_loss
 from alignkit.reference import score_sequences
+from alignkit.rollout import SamplingParams, generate, length_buckets, prepacking_supported
 from alignkit.training import loop
 from alignkit.training.loop import use_fused_adam
 from alignkit.training.optim import build_optimizer
@@ -236,3 +241,76 @@ def test_runtime_env_preloads_the_allocator_once(tmp_path):
     assert "LD_PRELOAD" not in missing and missing["OMP_WAIT_POLICY"] == "PASSIVE"
     found = cli.find_allocator({})
     assert found is None or os.path.isfile(found)
+
+
+def test_prepacked_linears_sample_the_autocast_tokens_and_logps(tiny_model):
+    assert prepacking_supported(torch.device("cpu"))  # this machine has AVX512-BF16
+    model = load_policy(tiny_model)  # trainable, as the policy of an online step
+    tokenizer = load_tokenizer(tiny_model)
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(5, 3000, (n,), generator=generator).tolist() for n in (13, 5, 9)]
+    probe = torch.tensor([prompts[0]])
+    with torch.no_grad(), autocast(enabled=True):
+        before = model(input_ids=probe).logits
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, seed=7)
+    plain = generate(model, tokenizer, prompts, params, 2, bf16=True, prepack=False)
+    fast = generate(model, tokenizer, prompts, params, 2, bf16=True, prepack=True)
+    assert torch.equal(fast.input_ids, plain.input_ids)
+    assert torch.equal(fast.completion_mask, plain.completion_mask)
+    assert plain.completion_lengths.sum() >= 12  # something was sampled
+    assert torch.allclose(fast.sampling_logps, plain.sampling_logps, atol=1e-6)
+    # the model's own linears are back: no instance forward left, same logits as before
+    assert not any("forward" in vars(m) for m in model.modules())
+    with torch.no_grad(), autocast(enabled=True):
+        assert torch.equal(model(input_ids=probe).logits, before)
+
+
+def test_length_buckets_by_hand():
+    lengths = [13, 5, 9, 30, 31, 4, 60]
+    # sorted 4 5 9 13 | 30 31 | 60: 4*13 + 2*31 + 60 + 3*32 = 270, against one group
+    # 7*60 + 32 = 452 and e.g. 4 5 9 13 | 30 31 60: 52 + 180 + 64 = 296
+    assert length_buckets(lengths, overhead=32) == [[5, 1, 2, 0], [3, 4], [6]]
+    assert length_buckets(lengths, overhead=10**6) == [[5, 1, 2, 0, 3, 4, 6]]
+    assert length_buckets([7, 7, 7], overhead=0) == [[0, 1, 2]]  # no padding to save
+
+
+def _prompts(lengths, seed=4):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 3000, (n,), generator=generator).tolist() for n in lengths]
+
+
+def test_bucketed_prefill_samples_the_tokens_of_one_padded_batch(tiny_model, monkeypatch):
+    model = load_policy(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
+    prompts = _prompts([13, 5, 9, 30, 31, 4, 60])
+    assert len(length_buckets([len(p) for p in prompts])) > 1
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3)
+    fast = generate(model, tokenizer, prompts, params, 2, bf16=False)
+    monkeypatch.setattr(rollout, "_BUCKET_OVERHEAD", 10**9)  # one padded batch
+    plain = generate(model, tokenizer, prompts, params, 2, bf16=False)
+    assert torch.equal(fast.input_ids, plain.input_ids)
+    assert torch.allclose(fast.sampling_logps, plain.sampling_logps, atol=1e-5)
+
+
+def test_bucketed_prefill_bf16_logits_and_cache_within_tolerance(tiny_model, monkeypatch):
+    model = load_policy(tiny_model).eval()
+    prompts = _prompts([13, 5, 9, 30, 31, 4, 60], seed=5)
+    ids, mask = rollout._left_pad(prompts, 0, torch.device("cpu"))
+    real = mask.bool()  # (B, P) slots that hold a prompt token
+
+    def prefill():
+        cache = rollout._new_cache(model, ids.shape[1] + 4)
+        with torch.no_grad(), autocast(enabled=True):
+            logits = rollout._prefill(model, cache, prompts, ids, mask, 0)
+        return logits, cache.layers[-1].keys, cache.layers[-1].values
+
+    fast = prefill()
+    monkeypatch.setattr(rollout, "_BUCKET_OVERHEAD", 10**9)
+    plain = prefill()
+    assert fast[1].shape == plain[1].shape == (7, 2, 60, 16)  # (B, KV heads, P, head dim)
+    scale = plain[0].abs().max()
+    assert (fast[0] - plain[0]).abs().max() <= 0.02 * scale  # bf16: 8 mantissa bits
+    for got, want in zip(fast[1:], plain[1:], strict=True):
+        keep = real[:, None, :, None].expand_as(want)
+        assert torch.allclose(got[keep].float(), want[keep].float(), atol=0.02 * want.abs().max())
+        assert (got[~keep] == 0).all()  # left of a short prompt: zeros, never garbage

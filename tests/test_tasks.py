@@ -135,3 +135,20 @@ def test_bad_prompts_file_lines(tmp_path):
     bad.write_text("not json\n")
     with pytest.raises(InputError, match=":1: invalid JSON"):
         read_prompts_file(bad)
+
+
+@pytest.mark.parametrize("name", ["sentiment", "harmless"])
+def test_online_recipes_get_the_task_prompts_as_chats(name):
+    """The online recipes (PPO, rl, bon, rsft, online-dpo, dm) read prompts through
+    load_prompts: a chat task's prompts must reach the policy through the chat template."""
+    from alignkit.models import load_tokenizer
+    from alignkit.recipes.online import encode_prompts, load_prompts
+
+    task = get_task(name)
+    train, held_out = load_prompts(name, "")
+    assert train == task.prompts("train") and held_out == task.prompts("eval")
+    assert train[0] == [{"role": "user", "content": task.train_prompts[0]}]
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    text = tokenizer.decode(encode_prompts(tokenizer, held_out[:1], 256)[0])
+    assert f"<|im_start|>user\n{task.eval_prompts[0]}<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")

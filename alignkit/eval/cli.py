@@ -26,6 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy", action="append", default=[], metavar="NAME=DIR", help="a policy (repeat)"
     )
+    parser.add_argument(
+        "--completions",
+        action="append",
+        default=[],
+        metavar="NAME=FILE[,FILE...]",
+        help="a system given as completions, e.g. alignkit bon's best_of_n.jsonl (repeat); "
+        "one row per eval prompt, in order; file j gives sample j",
+    )
     parser.add_argument("--reference", required=True, help="reference policy directory")
     parser.add_argument("--reward", help="reward-model directory: adds a reward-judged win rate")
     parser.add_argument(
@@ -45,9 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="eval.json", help="output JSON path")
 
 
-def parse_policies(specs: list[str]) -> dict[str, str]:
+def parse_policies(specs: list[str], allow_empty: bool = False) -> dict[str, str]:
     """``NAME=DIR`` strings -> {name: dir}; one-line errors for a bad or repeated spec."""
-    if not specs:
+    if not specs and not allow_empty:
         raise InputError("give at least one --policy NAME=DIR", field="--policy")
     policies: dict[str, str] = {}
     for spec in specs:
@@ -59,6 +67,70 @@ def parse_policies(specs: list[str]) -> dict[str, str]:
         _check_model_dir(path, "--policy")
         policies[name] = path
     return policies
+
+
+def parse_completions(specs: list[str], taken: set[str]) -> dict[str, list[str]]:
+    """``NAME=FILE[,FILE...]`` strings -> {name: [files]}; one-line errors for bad specs."""
+    systems: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, files = spec.partition("=")
+        paths = [f for f in files.split(",") if f.strip()] if sep else []
+        if not name.strip() or not paths:
+            raise InputError(f"expected NAME=FILE[,FILE...], got {spec!r}", field="--completions")
+        if name in systems or name in taken or name == "reference":
+            raise InputError(
+                f"name {name!r} is used twice (or is 'reference')", field="--completions"
+            )
+        for path in paths:
+            if not Path(path).is_file():
+                raise InputError("file not found", path=path, field="--completions")
+        systems[name] = paths
+    return systems
+
+
+def read_completions(
+    paths: list[str], prompts: list[Any], samples_per_prompt: int
+) -> tuple[list[str], int | None]:
+    """The completions of ``paths`` in the evaluator's order (row i*k + j answers prompt i).
+
+    Each file has one JSON row per eval prompt, in the eval prompts' order, with the row's
+    ``prompt`` and either ``completion`` (one sample, as ``alignkit bon`` writes) or
+    ``completions`` (a list, as ``alignkit sample`` writes); sample j of a prompt comes
+    from the files in the order given. Also returns n when the rows carry best-of-n's
+    ``rewards`` list (for the KL bound), else None.
+    """
+    per_prompt: list[list[str]] = [[] for _ in prompts]
+    best_of: set[int] = set()
+    for path in paths:
+        lines = [x for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+        if len(lines) < len(prompts):
+            raise InputError(f"has {len(lines)} rows, the task has {len(prompts)} eval prompts",
+                             path=path, field="--completions")  # fmt: skip
+        for number, (line, prompt) in enumerate(zip(lines, prompts, strict=False), start=1):
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"not JSON ({error.msg})", path=where) from None
+            if not isinstance(row, dict) or row.get("prompt") != prompt:
+                raise InputError("prompt differs from the eval prompt", path=where, field="prompt")
+            texts = row["completions"] if "completions" in row else [row.get("completion")]
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise InputError("expected a string (or a list of strings)",
+                                 path=where, field="completion")  # fmt: skip
+            per_prompt[number - 1].extend(texts)
+            if isinstance(row.get("rewards"), list):
+                best_of.add(len(row["rewards"]))
+    for number, texts in enumerate(per_prompt, start=1):
+        if len(texts) != samples_per_prompt:
+            raise InputError(
+                f"prompt {number} has {len(texts)} completions, --samples-per-prompt is "
+                f"{samples_per_prompt}",
+                field="--completions",
+            )
+    return [t for texts in per_prompt for t in texts], (
+        best_of.pop() if len(best_of) == 1 else None
+    )
 
 
 def _check_model_dir(path: str, field: str) -> None:
@@ -188,7 +260,8 @@ def main(args: argparse.Namespace) -> int:
     from alignkit.training.common import set_threads
 
     # 0. validate every input before loading a model
-    policies = parse_policies(args.policy)
+    policies = parse_policies(args.policy, allow_empty=bool(args.completions))
+    given = parse_completions(args.completions, set(policies))
     _check_model_dir(args.reference, "--reference")
     output = _check_output(args.output)
     settings = EvalSettings(
@@ -203,6 +276,11 @@ def main(args: argparse.Namespace) -> int:
     )
     settings.validate()
     task = _load_task(args)
+    eval_prompts = task.prompts("eval")[: args.max_prompts or None]
+    completions = {
+        name: read_completions(paths, eval_prompts, settings.samples_per_prompt)
+        for name, paths in given.items()
+    }
     if args.reward is not None:
         _check_model_dir(args.reward, "--reward")
     set_threads()
@@ -226,6 +304,12 @@ def main(args: argparse.Namespace) -> int:
     result["policies"] = [
         evaluator.compare(evaluator.sample_policy(name, path)) for name, path in policies.items()
     ]
+    from alignkit.recipes.best_of_n import kl_upper_bound
+
+    for name, (texts, n) in completions.items():
+        bound = kl_upper_bound(n) if n else None
+        samples = evaluator.from_completions(name, texts, kl_upper_bound=bound, path=given[name][0])
+        result["policies"].append(evaluator.compare(samples))
     result = json_ready(result)
     # 3. write and show
     write_json(result, output)
