@@ -145,9 +145,11 @@ def interleave(workers: list[Worker], rounds: int, argument: str = "", peaks=Non
     for number in range(rounds):
         for worker in workers:
             unit = worker.go(argument)
+            unit["load_average"] = os.getloadavg()[0]  # 1-minute, just after the unit
             print(
                 f"    round {number} {worker.name}{' ' + argument if argument else ''}: "
-                f"{unit['seconds']:.2f}s {unit.get('tokens', 0)} tokens",
+                f"{unit['seconds']:.2f}s {unit.get('tokens', 0)} tokens, "
+                f"load {unit['load_average']:.1f}",
                 flush=True,
             )
         if peaks is not None:
@@ -165,7 +167,9 @@ def rate(units: list[dict], warmup: int, argument: str | None = None) -> dict:
     # Medians over the measured units: one step caught in a load spike moves the mean
     # (a 269 s TRL step among 27-33 s ones here), not these.
     per_unit = [u.get("tokens", 0) / u["seconds"] for u in measured if u["seconds"] > 0]
+    loads = [u["load_average"] for u in measured if "load_average" in u]
     return {
+        "load_average_range": [min(loads), max(loads)] if loads else None,
         "median_seconds_per_unit": statistics.median(u["seconds"] for u in measured)
         if measured
         else 0.0,
