@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,9 +145,11 @@ def interleave(workers: list[Worker], rounds: int, argument: str = "", peaks=Non
     for number in range(rounds):
         for worker in workers:
             unit = worker.go(argument)
+            unit["load_average"] = os.getloadavg()[0]  # 1-minute, just after the unit
             print(
                 f"    round {number} {worker.name}{' ' + argument if argument else ''}: "
-                f"{unit['seconds']:.2f}s {unit.get('tokens', 0)} tokens",
+                f"{unit['seconds']:.2f}s {unit.get('tokens', 0)} tokens, "
+                f"load {unit['load_average']:.1f}",
                 flush=True,
             )
         if peaks is not None:
@@ -161,7 +164,16 @@ def rate(units: list[dict], warmup: int, argument: str | None = None) -> dict:
     cpu = sum(u.get("cpu_seconds", 0.0) for u in measured)
     tokens = sum(u.get("tokens", 0) for u in measured)
     flops = sum(u.get("flops", 0.0) for u in measured)
+    # Medians over the measured units: one step caught in a load spike moves the mean
+    # (a 269 s TRL step among 27-33 s ones here), not these.
+    per_unit = [u.get("tokens", 0) / u["seconds"] for u in measured if u["seconds"] > 0]
+    loads = [u["load_average"] for u in measured if "load_average" in u]
     return {
+        "load_average_range": [min(loads), max(loads)] if loads else None,
+        "median_seconds_per_unit": statistics.median(u["seconds"] for u in measured)
+        if measured
+        else 0.0,
+        "median_tokens_per_second": statistics.median(per_unit) if per_unit else 0.0,
         "units": len(measured),
         "seconds_per_unit": seconds / max(1, len(measured)),
         "cpu_seconds_per_unit": cpu / max(1, len(measured)),
@@ -169,6 +181,11 @@ def rate(units: list[dict], warmup: int, argument: str | None = None) -> dict:
         "tokens_per_cpu_second": tokens / cpu if cpu else 0.0,
         "gflops_per_second": flops / seconds / 1e9 if seconds else 0.0,
     }
+
+
+def median_ratio(mine: dict, theirs: dict) -> float:
+    """Ratio of the median per-unit tokens/s (robust to one unit caught in a load spike)."""
+    return mine["median_tokens_per_second"] / max(theirs["median_tokens_per_second"], 1e-9)
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -281,6 +298,7 @@ def case_offline(kind: str, args, workdir: Path, results: dict) -> None:
             "peer": theirs,
             "peer_peak_rss_mb": peer.final["peak_rss_mb"],
             "speedup": mine["tokens_per_second"] / max(theirs["tokens_per_second"], 1e-9),
+            "speedup_median": median_ratio(mine, theirs),
         }
     ak.stop()
     entry["alignkit_peak_rss_mb"] = ak.final["peak_rss_mb"]
@@ -331,6 +349,8 @@ def case_rl(args, workdir: Path, results: dict) -> None:
         "alignkit_peak_rss_mb": ak.final["peak_rss_mb"],
         "peer_peak_rss_mb": trl.final["peak_rss_mb"],
         "speedup": theirs["seconds_per_unit"] / mine["seconds_per_unit"],
+        "speedup_median": theirs["median_seconds_per_unit"]
+        / max(mine["median_seconds_per_unit"], 1e-9),
     }
 
 
@@ -370,6 +390,7 @@ def case_generate(args, workdir: Path, results: dict) -> None:
             "peers": theirs,
             "best_peer": best,
             "speedup": mine["tokens_per_second"] / max(theirs[best]["tokens_per_second"], 1e-9),
+            "speedup_median": median_ratio(mine, theirs[best]),
         }
     entry["alignkit_peak_rss_mb"] = ak.final["peak_rss_mb"]
     entry["peer_peak_rss_mb"] = {p.name: p.final["peak_rss_mb"] for p in peers}
@@ -437,8 +458,9 @@ def machine() -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        "| case | alignkit | peer (best config) | ratio | peak RSS alignkit / peer (MiB) |",
-        "|---|---|---|---|---|",
+        "| case | alignkit | peer (best config) | ratio | median-step ratio "
+        "| peak RSS alignkit / peer (MiB) |",
+        "|---|---|---|---|---|---|",
     ]
     for kind in ("dpo", "reward"):
         if kind not in results:
@@ -452,7 +474,7 @@ def table(results: dict) -> str:
             f"| {kind} (batch {entry['batch_size']} pairs, max_length {entry['max_length']}) "
             f"| {comp['alignkit']['tokens_per_second']:.0f} tok/s "
             f"| {comp['peer']['tokens_per_second']:.0f} tok/s ({best}) "
-            f"| **{comp['speedup']:.2f}x** "
+            f"| **{comp['speedup']:.2f}x** | {comp['speedup_median']:.2f}x "
             f"| {entry['alignkit_peak_rss_mb']:.0f} / {comp['peer_peak_rss_mb']:.0f} "
             f"(lowest peer {lowest_peer_rss:.0f}) |"
         )
@@ -461,7 +483,7 @@ def table(results: dict) -> str:
                 lines.append(
                     f"| {kind}: vs {name} | {other['alignkit']['tokens_per_second']:.0f} tok/s "
                     f"| {other['peer']['tokens_per_second']:.0f} tok/s "
-                    f"| {other['speedup']:.2f}x "
+                    f"| {other['speedup']:.2f}x | {other['speedup_median']:.2f}x "
                     f"| {entry['alignkit_peak_rss_mb']:.0f} / {other['peer_peak_rss_mb']:.0f} |"
                 )
     if "rl" in results:
@@ -470,7 +492,7 @@ def table(results: dict) -> str:
             f"| online GRPO step (1 prompt x 8, 48 tokens) "
             f"| {entry['alignkit']['seconds_per_unit']:.2f} s/step "
             f"| {entry['peer']['seconds_per_unit']:.2f} s/step (TRL GRPOTrainer) "
-            f"| **{entry['speedup']:.2f}x** "
+            f"| **{entry['speedup']:.2f}x** | {entry['speedup_median']:.2f}x "
             f"| {entry['alignkit_peak_rss_mb']:.0f} / {entry['peer_peak_rss_mb']:.0f} |"
         )
     if "generate" in results:
@@ -482,7 +504,7 @@ def table(results: dict) -> str:
                 f"| generate batch {batch} ({results['args']['gen_tokens']} new tokens) "
                 f"| {part['alignkit']['tokens_per_second']:.0f} tok/s "
                 f"| {part['peers'][best]['tokens_per_second']:.0f} tok/s ({best}) "
-                f"| **{part['speedup']:.2f}x** "
+                f"| **{part['speedup']:.2f}x** | {part['speedup_median']:.2f}x "
                 f"| {entry['alignkit_peak_rss_mb']:.0f} / {entry['peer_peak_rss_mb'][best]:.0f} |"
             )
     for kind in ("dpo", "sft"):
@@ -491,7 +513,7 @@ def table(results: dict) -> str:
             lines.append(
                 f"| MFU {kind} step | {entry['alignkit']['gflops_per_second']:.0f} GFLOP/s "
                 f"| bf16 matmul peak {entry['matmul_peak_gflops']:.0f} GFLOP/s (same run) "
-                f"| **{100 * entry['mfu']:.0f}%** | |"
+                f"| **{100 * entry['mfu']:.0f}%** | | |"
             )
     return "\n".join(lines)
 
