@@ -181,6 +181,30 @@ def _hidden_states(
     return hidden.reshape(-1, hidden.shape[-1]), packing.index
 
 
+def last_token_states(
+    backbone: nn.Module,
+    input_ids: torch.Tensor,  # (B, T)
+    attention_mask: torch.Tensor,  # (B, T)
+    completion_mask: torch.Tensor,  # (B, T) 1 at completion tokens
+) -> torch.Tensor:
+    """The backbone's last hidden state at each row's last attended token. -> (B, H)
+
+    What a sequence classifier (a reward model) reads its score from. Rows sharing the
+    tokens before their completion (chosen and rejected of a pair) share that prompt's
+    forward pass, as in :func:`token_logps`.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    scored = completion_mask.bool().clone()
+    scored[:, 0] = False
+    hidden, index = _hidden_states(backbone, input_ids, attention_mask, scored, position_ids)
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = torch.where(attention_mask.bool(), columns, -1).amax(-1)  # (B,)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    if index is None:
+        return hidden[rows, last]
+    return hidden[index[rows, last]]
+
+
 def token_logps(
     model: nn.Module,
     input_ids: torch.Tensor,  # (B, T)

@@ -314,3 +314,39 @@ def test_bucketed_prefill_bf16_logits_and_cache_within_tolerance(tiny_model, mon
         keep = real[:, None, :, None].expand_as(want)
         assert torch.allclose(got[keep].float(), want[keep].float(), atol=0.02 * want.abs().max())
         assert (got[~keep] == 0).all()  # left of a short prompt: zeros, never garbage
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_reward_scores_share_the_prompt_with_the_plain_forwards_numbers(
+    tiny_model, lora, monkeypatch
+):
+    """The packed reward forward gives the classifier's own scores and gradients."""
+    from alignkit.models import LoraSettings, load_reward_backbone
+    from alignkit.recipes.reward import _backbone_and_head, reward_scores
+
+    torch.manual_seed(0)
+    model = load_reward_backbone(tiny_model, LoraSettings(r=4) if lora else None)
+    assert _backbone_and_head(model) is not None
+    batch = collate_pairs(_pairs(), pad_id=0)
+    args = (batch["input_ids"], batch["attention_mask"])
+    packed_rows = []
+    pack = logprobs._pack_shared_prompts
+
+    def spy(*pack_args):
+        packing = pack(*pack_args)
+        packed_rows.append(None if packing is None else packing.input_ids.shape[0])
+        return packing
+
+    monkeypatch.setattr(logprobs, "_pack_shared_prompts", spy)
+    fast = reward_scores(model, *args, batch["completion_mask"])
+    assert packed_rows == [3]  # one sequence per pair: each prompt ran once
+    fast.sum().backward()
+    fast_grads = _grads(model)
+    model.zero_grad()
+    plain = model(input_ids=args[0], attention_mask=args[1]).logits[:, 0]
+    plain.sum().backward()
+    assert fast.shape == (batch["input_ids"].shape[0],)
+    assert torch.allclose(fast, plain, atol=1e-5), (fast, plain)
+    assert len(fast_grads) > 0
+    for name, grad in _grads(model).items():
+        assert torch.allclose(fast_grads[name], grad, atol=1e-6, rtol=1e-4), name

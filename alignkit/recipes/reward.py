@@ -10,6 +10,7 @@ import torch
 
 from alignkit.config import check, doc
 from alignkit.data import collate_pairs, load_preferences, tokenize_pairs
+from alignkit.logprobs import last_token_states
 from alignkit.losses.preference import bradley_terry_loss
 from alignkit.models import load_reward_backbone, load_tokenizer
 from alignkit.recipes.offline import fit, load_rows
@@ -29,11 +30,39 @@ class Config(TrainConfig):
         check(self.center_coef >= 0, "center_coef", "must be >= 0")
 
 
+def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder backbone, linear score head) of a decoder-only reward model, else None.
+
+    Looks through a PEFT wrapper. transformers names the head of its decoder-only
+    classifiers (``*ForSequenceClassification`` of Llama, Qwen, Mistral, ...) ``score``;
+    encoder classifiers (BERT: ``classifier`` on a pooled state) are left to their forward.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    head = getattr(base, "score", None)
+    if backbone is None or head is None or getattr(base.config, "is_encoder_decoder", False):
+        return None
+    return backbone, head
+
+
 def reward_scores(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,  # (N, T) right-padded
+    attention_mask: torch.Tensor,  # (N, T)
+    completion_mask: torch.Tensor | None = None,  # (N, T)
 ) -> torch.Tensor:
-    """One scalar per row, read at the last non-pad token. (N, T) -> (N,) fp32."""
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    """One scalar per row, read at the last non-pad token. (N, T) -> (N,) fp32.
+
+    Given the completion mask, the backbone runs each prompt once for the rows that
+    share it (the chosen and rejected of a pair) and the head only at the last token;
+    the scores are those of the plain forward (tests/test_fast_paths.py).
+    """
+    parts = _backbone_and_head(model) if completion_mask is not None else None
+    if parts is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    backbone, head = parts
+    states = last_token_states(backbone, input_ids, attention_mask, completion_mask)  # (N, H)
+    return head(states)[:, 0].float()
 
 
 def make_reward_loss(use_margin: bool, center_coef: float):
@@ -42,7 +71,9 @@ def make_reward_loss(use_margin: bool, center_coef: float):
     def reward_loss(
         model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict]:
-        scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+        scores = reward_scores(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        )  # (2B,)
         chosen, rejected = scores.chunk(2)
         margin = batch["margin"] if use_margin else None
         loss, metrics = bradley_terry_loss(chosen, rejected, margin=margin, center_coef=center_coef)
