@@ -42,7 +42,7 @@ row() {
         return ;;
     rsft) "${AK[@]}" rsft lr=2e-5 eval_prompts=0 output_dir="$OUT/rsft" ;;
     online_dpo) "${AK[@]}" online-dpo eval_prompts=0 output_dir="$OUT/online_dpo" ;;
-    dpg) "${AK[@]}" dm algo=dpg lr=2e-5 max_steps=6 eval_prompts=0 output_dir="$OUT/dpg" ;;
+    dpg) "${AK[@]}" dm algo=dpg lr=2e-5 max_steps=8 updates_per_batch=4 eval_prompts=0 output_dir="$OUT/dpg" ;;
     brain) "${AK[@]}" dm algo=brain lr=2e-5 max_steps=6 eval_prompts=0 output_dir="$OUT/brain" ;;
     dpo)  # offline DPO on pairs sampled from the model, labelled by the reward
         "${AK[@]}" sample split=train limit=128 k=4 max_new_tokens=32 reward=task:sentiment \
