@@ -50,7 +50,8 @@ row() {
         "$PY" scripts/pairs_from_samples.py "$OUT/dpo-samples.jsonl" "$OUT/dpo-pairs.jsonl"
         "${AK[@]}" dpo data="$OUT/dpo-pairs.jsonl" max_steps=32 batch_size=8 max_length=256 \
             output_dir="$OUT/dpo" ;;
-    hh_reward) "$PY" benchmarks/hh_reward.py --output-dir "$OUT/hh_reward"; return ;;
+    hh_reward) "$PY" benchmarks/hh_reward.py --eval-fraction 0.25 --epochs 0.2 --max-length 192 \
+            --lr 2e-5 --output-dir "$OUT/hh_reward"; return ;;
     table) "$PY" scripts/results_table.py "$OUT"/eval-*.json; return ;;
     *) echo "unknown row: $name (rows: ${ROWS[*]} table)" >&2; exit 2 ;;
     esac
