@@ -2,7 +2,7 @@
 
 Trains ``alignkit reward`` (Bradley-Terry, the embedded SmolLM2-135M-Instruct backbone)
 on a seeded share of ../shared/data/hh-rlhf-harmless-base.jsonl.gz, read in place, and
-reports pairwise accuracy on the held-out rest (chance: 50%). Next to it, the accuracy
+reports pairwise accuracy on the held-out rest (chance: 50%) with its Wilson interval. Next to it, the accuracy
 of "prefer the longer reply" on the same held-out pairs, the shortcut a reward model
 can learn instead of harmlessness.
 
@@ -41,6 +41,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="runs/bench/hh_reward")
     parser.add_argument("--overwrite", action="store_true")
     return parser.parse_args(argv)
+
+
+def held_out_accuracy(model_dir: str, rows: list, eval_ids: list[int], batch_size: int) -> dict:
+    """Per-pair accuracy of the saved reward model on the held-out pairs (a tie counts
+    half), with its Wilson 95% interval. (The recipe's ``eval/rewards/accuracy`` is a
+    mean of batch means, so a short last batch weighs as much as a full one.)"""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.data import collate_pairs
+    from alignkit.eval.stats import wilson_interval
+    from alignkit.models import load_tokenizer
+    from alignkit.recipes.reward import reward_scores
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    pad_id = load_tokenizer(model_dir).pad_token_id
+    correct = 0.0
+    with torch.no_grad():
+        for start in range(0, len(eval_ids), batch_size):
+            batch = collate_pairs([rows[i] for i in eval_ids[start : start + batch_size]], pad_id)
+            chosen, rejected = reward_scores(
+                model, batch["input_ids"], batch["attention_mask"]
+            ).chunk(2)
+            correct += float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
+    low, high = wilson_interval(correct, len(eval_ids))
+    return {"accuracy": correct / len(eval_ids), "low": low, "high": high, "n": len(eval_ids)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr,
         "lora_r": args.lora_r,
         "seed": args.seed,
-        "eval_accuracy": summary.get("eval/rewards/accuracy"),
+        "eval_accuracy": held_out_accuracy(args.output_dir, rows, eval_ids, args.batch_size),
         **{key: value for key, value in summary.items() if key.startswith("eval/")},
         "length_baseline_accuracy": length_baseline,
         "wall_seconds": time.time() - started,

@@ -42,15 +42,16 @@ row() {
         return ;;
     rsft) "${AK[@]}" rsft lr=2e-5 eval_prompts=0 output_dir="$OUT/rsft" ;;
     online_dpo) "${AK[@]}" online-dpo eval_prompts=0 output_dir="$OUT/online_dpo" ;;
-    dpg) "${AK[@]}" dm algo=dpg lr=2e-5 max_steps=16 eval_prompts=0 output_dir="$OUT/dpg" ;;
-    brain) "${AK[@]}" dm algo=brain lr=2e-5 max_steps=16 eval_prompts=0 output_dir="$OUT/brain" ;;
+    dpg) "${AK[@]}" dm algo=dpg lr=2e-5 max_steps=8 updates_per_batch=4 eval_prompts=0 output_dir="$OUT/dpg" ;;
+    brain) "${AK[@]}" dm algo=brain lr=2e-5 max_steps=6 eval_prompts=0 output_dir="$OUT/brain" ;;
     dpo)  # offline DPO on pairs sampled from the model, labelled by the reward
         "${AK[@]}" sample split=train limit=128 k=4 max_new_tokens=32 reward=task:sentiment \
             output="$OUT/dpo-samples.jsonl" --overwrite
         "$PY" scripts/pairs_from_samples.py "$OUT/dpo-samples.jsonl" "$OUT/dpo-pairs.jsonl"
         "${AK[@]}" dpo data="$OUT/dpo-pairs.jsonl" max_steps=32 batch_size=8 max_length=256 \
             output_dir="$OUT/dpo" ;;
-    hh_reward) "$PY" benchmarks/hh_reward.py --output-dir "$OUT/hh_reward"; return ;;
+    hh_reward) "$PY" benchmarks/hh_reward.py --eval-fraction 0.25 --epochs 0.2 --max-length 192 \
+            --lr 2e-5 --output-dir "$OUT/hh_reward"; return ;;
     table) "$PY" scripts/results_table.py "$OUT"/eval-*.json; return ;;
     *) echo "unknown row: $name (rows: ${ROWS[*]} table)" >&2; exit 2 ;;
     esac

@@ -58,7 +58,7 @@ class Config(PolicyGradientConfig):
     algo: Algo = doc("rloo | grpo | reinforce_pp | reinforce", "rloo")
     samples_per_prompt: int = doc("completions per prompt (k of RLOO, G of GRPO)", 4)
     temperature: float = doc("sampling temperature (also used in the training forward)", 1.0)
-    lr: float = doc("peak learning rate (AdamW)", 1e-6)
+    lr: float = doc("peak learning rate (AdamW)", 1e-5)
     kl_in: Literal["auto", "reward", "loss"] = doc(
         "where the KL penalty goes: reward (-beta KL folded into the reward) or loss "
         "(+beta k3 per token); auto = loss for grpo, reward otherwise",
