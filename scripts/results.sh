@@ -74,8 +74,9 @@ row() {
         "${AK[@]}" sample task="$TASK" split=train limit=128 k=4 max_new_tokens="$NEW_TOKENS" \
             reward=task:"$TASK" output="$OUT/dpo-samples.jsonl" --overwrite
         "$PY" scripts/pairs_from_samples.py "$OUT/dpo-samples.jsonl" "$OUT/dpo-pairs.jsonl"
+        # lr 5e-5 constant: the default 5e-6 (linear decay) did not move the model in 32 steps
         "${AK[@]}" dpo data="$OUT/dpo-pairs.jsonl" max_steps=32 batch_size=8 max_length=256 \
-            output_dir="$OUT/dpo" ;;
+            lr=5e-5 lr_schedule=constant beta=0.1 output_dir="$OUT/dpo" ;;
     hh_reward)  # task-independent: sentiment rows only
         if [ "$TASK" != sentiment ]; then echo "hh_reward is a sentiment-only row" >&2; exit 2; fi
         "$PY" benchmarks/hh_reward.py --eval-fraction 0.25 --epochs 0.2 --max-length 192 \
