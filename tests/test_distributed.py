@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +57,23 @@ def _torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProces
         text=True,
         timeout=600,
     )
+
+
+def _one_then_two_processes(args: list[str], tmp_path, capsys) -> tuple[Path, Path]:
+    """``alignkit ARGS`` in this process (one thread), then under torchrun with 2
+    processes: the two run directories, both runs checked to have exited 0."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, f"output_dir={single}"])
+    finally:
+        torch.set_num_threads(threads)
+    assert exit_info.value.code == 0, capsys.readouterr().err[-2000:]
+    result = _torchrun([*args, f"output_dir={double}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return single, double
 
 
 OFFLINE = [("dpo", "ddp"), ("reward", "ddp"), ("dpo", "fsdp"), ("reward", "fsdp"), ("sft", "fsdp")]
@@ -171,17 +189,7 @@ def test_ppo_two_processes_match_one(tiny_model, tmp_path, capsys):
     }
     args = ["ppo", *toy_overrides(tiny_model, prompts, tmp_path / "x", **settings)]
     args = [a for a in args if not a.startswith("output_dir=")]
-    single, double = tmp_path / "single", tmp_path / "double"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main([*args, f"output_dir={single}"])
-    finally:
-        torch.set_num_threads(threads)
-    assert exit_info.value.code == 0, capsys.readouterr().err[-2000:]
-    result = _torchrun([*args, f"output_dir={double}"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    single, double = _one_then_two_processes(args, tmp_path, capsys)
 
     expected, got = _rows(single), _rows(double)
     assert [r["step"] for r in got] == [r["step"] for r in expected] == [1, 2, 3]
@@ -225,17 +233,7 @@ def test_online_recipes_two_processes_match_one(name, tiny_model, tmp_path, caps
     extra = {a.split("=")[0] for a in recipe[1:]}
     args = [recipe[0], *recipe[1:]]
     args += [a for a in overrides if a.split("=")[0] not in extra | {"output_dir"}]
-    single, double = tmp_path / "single", tmp_path / "double"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main([*args, f"output_dir={single}"])
-    finally:
-        torch.set_num_threads(threads)
-    assert exit_info.value.code == 0, capsys.readouterr().err[-2000:]
-    result = _torchrun([*args, f"output_dir={double}"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    single, double = _one_then_two_processes(args, tmp_path, capsys)
 
     expected, got = _rows(single), _rows(double)
     assert [r["step"] for r in got] == [r["step"] for r in expected]
