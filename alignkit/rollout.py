@@ -202,6 +202,21 @@ def length_buckets(lengths: Sequence[int], overhead: int | None = None) -> list[
     return groups[::-1]
 
 
+def _prefill_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Cache
+) -> torch.Tensor:
+    """Run left-padded prompts into ``cache``; the logits after each one's last token. (B, V)"""
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return output.logits[:, -1].float()
+
+
 def _prefill(
     model: nn.Module,
     cache: Cache,
@@ -220,28 +235,12 @@ def _prefill(
     batch, width = prompt_tensor.shape
     groups = length_buckets([len(ids) for ids in prompt_ids])
     if len(groups) == 1:
-        output = model(
-            input_ids=prompt_tensor,
-            attention_mask=prompt_mask,
-            position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return output.logits[:, -1].float()
+        return _prefill_logits(model, prompt_tensor, prompt_mask, cache)
     logits = None
     for rows in groups:
         ids, mask = _left_pad([prompt_ids[i] for i in rows], pad_id, prompt_tensor.device)
         part = _new_cache(model, ids.shape[1])
-        output = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=part,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        last = output.logits[:, -1].float()
+        last = _prefill_logits(model, ids, mask, part)
         if logits is None:
             logits = last.new_empty(batch, last.shape[-1])
         index = torch.tensor(rows, device=prompt_tensor.device)

@@ -65,8 +65,23 @@ def _common_args(params: dict, out: str) -> dict:
     }
 
 
-def dpo(params: dict, gate: Gate) -> None:
+def _train_gated(trainer_cls, model, args, tokenizer, params: dict, gate: Gate) -> None:
+    """Build a TRL trainer on the case's rows and train it, one gated step at a time."""
     from datasets import Dataset
+
+    counter: dict = {}
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(params["_rows"]),
+        processing_class=tokenizer,
+        callbacks=[_gate_callback(gate, counter)],
+    )
+    trainer.data_collator = _counting(trainer.data_collator, counter)
+    trainer.train()
+
+
+def dpo(params: dict, gate: Gate) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
@@ -78,20 +93,10 @@ def dpo(params: dict, gate: Gate) -> None:
         beta=params["beta"],
         precompute_ref_log_probs=params.get("precompute_ref_log_probs", False),
     )
-    counter: dict = {}
-    trainer = DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(params["_rows"]),
-        processing_class=tokenizer,
-        callbacks=[_gate_callback(gate, counter)],
-    )
-    trainer.data_collator = _counting(trainer.data_collator, counter)
-    trainer.train()
+    _train_gated(DPOTrainer, model, args, tokenizer, params, gate)
 
 
 def reward(params: dict, gate: Gate) -> None:
-    from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
@@ -105,16 +110,7 @@ def reward(params: dict, gate: Gate) -> None:
         **_common_args(params, tempfile.mkdtemp(prefix="bench-trl-rm-")),
         max_length=params["max_length"],
     )
-    counter: dict = {}
-    trainer = RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(params["_rows"]),
-        processing_class=tokenizer,
-        callbacks=[_gate_callback(gate, counter)],
-    )
-    trainer.data_collator = _counting(trainer.data_collator, counter)
-    trainer.train()
+    _train_gated(RewardTrainer, model, args, tokenizer, params, gate)
 
 
 def grpo(params: dict, gate: Gate) -> None:
