@@ -17,6 +17,7 @@ differentiates.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
 
+from alignkit.decode import FastDecoder
 from alignkit.errors import InputError
 from alignkit.logprobs import TokenLogps, token_logps
 from alignkit.models import autocast, bf16_supported
@@ -224,6 +226,7 @@ def _prefill(
     prompt_tensor: torch.Tensor,  # (B, P) left-padded
     prompt_mask: torch.Tensor,  # (B, P)
     pad_id: int,
+    decoder: FastDecoder | None = None,
 ) -> torch.Tensor:
     """Run the prompts into ``cache`` (B rows, prompts ending at column P); last logits (B, V).
 
@@ -233,14 +236,15 @@ def _prefill(
     slots are zeros under a masked-out position: the states of the one padded batch.
     """
     batch, width = prompt_tensor.shape
+    run = decoder.prefill if decoder is not None else functools.partial(_prefill_logits, model)
     groups = length_buckets([len(ids) for ids in prompt_ids])
     if len(groups) == 1:
-        return _prefill_logits(model, prompt_tensor, prompt_mask, cache)
+        return run(prompt_tensor, prompt_mask, cache)
     logits = None
     for rows in groups:
         ids, mask = _left_pad([prompt_ids[i] for i in rows], pad_id, prompt_tensor.device)
         part = _new_cache(model, ids.shape[1])
-        last = _prefill_logits(model, ids, mask, part)
+        last = run(ids, mask, part)
         if logits is None:
             logits = last.new_empty(batch, last.shape[-1])
         index = torch.tensor(rows, device=prompt_tensor.device)
@@ -452,6 +456,7 @@ def generate(
     bf16: bool | None = None,
     first_row: int | None = None,
     prepack: bool | None = None,
+    fast_decode: bool | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` completions for each prompt: one batch, KV cache, per-row EOS stop.
 
@@ -462,6 +467,11 @@ def generate(
     ``prepack`` None = under bf16 on CPU and for at least ``_PREPACK_MIN_STEPS`` new
     tokens, run the linears from weights packed once for oneDNN (same numbers,
     :func:`_prepacked_linears`); False = plain autocast linears.
+    ``fast_decode`` None = where ``prepack`` applies and the architecture allows, each
+    decode step runs through :class:`alignkit.decode.FastDecoder` (fused products from
+    packed weights, attention over the cache in place) instead of the HF forward;
+    True = wherever the architecture allows (fp32 too: fp32 copies of the fused
+    weights); False = the HF forward.
 
     Runs under ``torch.no_grad`` rather than ``torch.inference_mode``: under
     inference mode autocast does not keep its bf16 weight casts between steps,
@@ -500,6 +510,13 @@ def generate(
     use_bf16 = bf16_supported() if bf16 is None else bf16
     if prepack is None:
         prepack = use_bf16 and max_steps >= _PREPACK_MIN_STEPS and prepacking_supported(device)
+    prepack = prepack and use_bf16
+    if fast_decode is None:
+        fast_decode = prepack
+    decoder = None
+    if fast_decode and max_steps > 1 and (not use_bf16 or prepacking_supported(device)):
+        with torch.no_grad():
+            decoder = FastDecoder.build(model, prompt_length + max_steps, bf16=use_bf16)
     was_training = model.training
     model.eval()
     steps = 0
@@ -508,12 +525,13 @@ def generate(
             torch.no_grad(),
             autocast(device, enabled=use_bf16),
             _cacheable_casts(model),
-            _prepacked_linears(model, rows_total, enabled=prepack and use_bf16),
+            # the fast decoder runs the prefill and decode from its own fused packed weights
+            _prepacked_linears(model, rows_total, enabled=prepack and decoder is None),
         ):
             cache = _new_cache(model, prompt_length + max_steps)
             # 1. prefill: each prompt once (prompts of like length together, so little
             # padding is computed), then its cache and logits repeated per sample
-            logits = _prefill(model, cache, prompt_ids, prompt_tensor, prompt_mask, pad_id)
+            logits = _prefill(model, cache, prompt_ids, prompt_tensor, prompt_mask, pad_id, decoder)
             logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V)
             cache.batch_repeat_interleave(num_samples)
             rows = torch.arange(rows_total, device=device)  # rows still in the batch
@@ -536,10 +554,14 @@ def generate(
                     rows, next_tokens = rows[keep], next_tokens[keep]
                     cache.batch_select_indices(keep)
                 column = prompt_length + step + 1
+                positions = first_position[rows] + step  # (n,)
+                if decoder is not None:
+                    logits = decoder.step(next_tokens, positions, cache, attention[rows, :column])
+                    continue
                 output = model(
                     input_ids=next_tokens[:, None],
                     attention_mask=attention[rows, :column],
-                    position_ids=(first_position[rows] + step)[:, None],
+                    position_ids=positions[:, None],
                     past_key_values=cache,
                     use_cache=True,
                 )

@@ -1,0 +1,228 @@
+"""One decode step of a Llama-family decoder, written out for the rollout loop.
+
+:func:`alignkit.rollout.generate` calls the model once per new token. Through the
+Hugging Face forward that call does far more than the arithmetic: it rebuilds the
+4-D attention mask, copies the whole KV cache to repeat each key/value head for its
+query heads (grouped-query attention with a mask takes that path on CPU), and runs
+seven separate projections per layer. At batch 1 that overhead is most of a step.
+
+:class:`FastDecoder` does the same arithmetic with less: q, k and v from one fused
+product and gate and up from another (weights concatenated once per ``generate``
+call, under bf16 packed once for oneDNN, as
+:func:`alignkit.rollout._prepacked_linears` does for the plain path), one rotary
+table per step shared by all layers, and attention over the cache in place, each
+key/value head's query heads stacked as the query length so nothing is repeated.
+It reads and writes the same preallocated cache as the plain path (prefill stays
+the HF forward). Logits agree with the HF forward to float rounding in fp32 and
+within bf16 tolerance under bf16 (``tests/test_decode.py``).
+
+Only for the architectures whose decoder layer is exactly pre-norm RMSNorm ->
+rotary attention -> RMSNorm -> SwiGLU MLP with plain ``nn.Linear`` projections
+(Llama, Mistral without a sliding window in reach, Qwen2); :meth:`FastDecoder.build`
+returns None for anything else (LoRA-wrapped layers too) and the plain path runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+
+# Architectures whose decoder layer is the one written out below.
+_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _linear(weights: list[torch.Tensor], biases: list[torch.Tensor | None], bf16: bool) -> Linear:
+    """The products of several linears with the same input, as one (outputs concatenated)."""
+    weight = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
+    bias = None
+    if any(b is not None for b in biases):
+        parts = [
+            b if b is not None else w.new_zeros(w.shape[0])
+            for w, b in zip(weights, biases, strict=True)
+        ]
+        bias = torch.cat([b.detach() for b in parts])
+    if not bf16:
+        return lambda x: F.linear(x, weight, bias)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16))
+    bias16 = None if bias is None else bias.to(torch.bfloat16)
+
+    def product(x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out) bf16
+        flat = x.to(torch.bfloat16).reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias16, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    return product
+
+
+@dataclass(frozen=True)
+class _Layer:
+    input_norm: torch.Tensor  # (H,)
+    qkv: Linear  # (n, H) -> (n, (heads + 2 kv_heads) x head_dim)
+    out: Linear  # (n, heads x head_dim) -> (n, H)
+    post_norm: torch.Tensor  # (H,)
+    gate_up: Linear  # (n, H) -> (n, 2 I)
+    down: Linear  # (n, I) -> (n, H)
+
+
+def _plain_linears(*modules: nn.Module) -> bool:
+    return all(type(module) is nn.Linear for module in modules)
+
+
+class FastDecoder:
+    """The model's decode step (one token per row) from weights fused once."""
+
+    def __init__(self, model: nn.Module, bf16: bool) -> None:
+        config = model.config
+        backbone = model.model
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.bf16 = bf16
+        self.embed = backbone.embed_tokens
+        self.rotary = backbone.rotary_emb
+        self.final_norm = backbone.norm.weight
+        self.lm_head = _linear([model.lm_head.weight], [model.lm_head.bias], bf16)
+        self.layers = []
+        for block in backbone.layers:
+            attn, mlp = block.self_attn, block.mlp
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            self.layers.append(
+                _Layer(
+                    input_norm=block.input_layernorm.weight,
+                    qkv=_linear(
+                        [p.weight for p in projections], [p.bias for p in projections], bf16
+                    ),
+                    out=_linear([attn.o_proj.weight], [attn.o_proj.bias], bf16),
+                    post_norm=block.post_attention_layernorm.weight,
+                    gate_up=_linear(
+                        [mlp.gate_proj.weight, mlp.up_proj.weight],
+                        [mlp.gate_proj.bias, mlp.up_proj.bias],
+                        bf16,
+                    ),
+                    down=_linear([mlp.down_proj.weight], [mlp.down_proj.bias], bf16),
+                )
+            )
+
+    @classmethod
+    def build(cls, model: nn.Module, capacity: int, bf16: bool) -> FastDecoder | None:
+        """The fast step for ``model``, or None when its layers are not the ones written here.
+
+        ``capacity``: the longest sequence the rollout reaches (a sliding window shorter
+        than it would change attention). ``bf16``: packed bf16 products (CPU with bf16)
+        rather than fp32 ``F.linear``.
+        """
+        config = getattr(model, "config", None)
+        if type(model).__name__ not in _ARCHITECTURES or config is None:
+            return None
+        if getattr(config, "hidden_act", None) != "silu" or not hasattr(model, "model"):
+            return None
+        window = getattr(config, "sliding_window", None)
+        if window is not None and getattr(config, "use_sliding_window", True) and window < capacity:
+            return None
+        if not _plain_linears(model.lm_head):
+            return None
+        for block in model.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            if not _plain_linears(
+                attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+            ):  # fmt: skip
+                return None
+        return cls(model, bf16)
+
+    def _rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(hidden.float(), (hidden.shape[-1],), weight.float(), self.eps)
+
+    def _rotated(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(query, key, value) of fused products (..., (heads + 2 kv_heads) x D), heads on
+        dim -2; rotary applied to query and key, whose rows ``cos``/``sin`` broadcast to."""
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        split = (heads + kv_heads) * head_dim
+        rotated = qkv[..., :split].unflatten(-1, (heads + kv_heads, head_dim))
+        rotated = rotated * cos + _rotate_half(rotated) * sin
+        query, key = rotated.split([heads, kv_heads], dim=-2)
+        return query, key, qkv[..., split:].unflatten(-1, (kv_heads, head_dim))
+
+    def _mlp(self, layer: _Layer, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = layer.gate_up(self._rms_norm(hidden, layer.post_norm)).chunk(2, dim=-1)
+        return hidden + layer.down(F.silu(gate) * up)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self._rms_norm(hidden, self.final_norm)).float()
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,  # (B, P) left-padded prompts
+        attention_mask: torch.Tensor,  # (B, P)
+        cache: Cache,  # empty preallocated layers
+    ) -> torch.Tensor:
+        """Run the prompts into ``cache``; the logits after each one's last token (B, V) fp32."""
+        batch, width = input_ids.shape
+        group = self.heads // self.kv_heads
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.embed(input_ids).float()  # (B, P, H)
+        cos, sin = (t[:, :, None] for t in self.rotary(hidden, positions))  # (B, P, 1, D)
+        device = input_ids.device
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        # a query sees the real keys up to itself; a pad position sees itself too, so no
+        # row of the mask is empty (an empty row would give NaN where nothing reads it)
+        mask = causal & attention_mask.bool()[:, None, :]
+        mask |= torch.eye(width, dtype=torch.bool, device=device)
+        mask = mask[:, None]  # (B, 1, P, P)
+        for layer, kv in zip(self.layers, cache.layers, strict=True):
+            query, key, value = self._rotated(
+                layer.qkv(self._rms_norm(hidden, layer.input_norm)), cos, sin
+            )  # (B, P, heads or kv_heads, D)
+            keys, values = kv.update(key.transpose(1, 2), value.transpose(1, 2))
+            attended = F.scaled_dot_product_attention(
+                query.transpose(1, 2).to(keys.dtype),
+                keys.repeat_interleave(group, dim=1),
+                values.repeat_interleave(group, dim=1),
+                attn_mask=mask,
+            )  # (B, heads, P, D)
+            hidden = hidden + layer.out(attended.transpose(1, 2).flatten(2))
+            hidden = self._mlp(layer, hidden)
+        return self._logits(hidden[:, -1])
+
+    def step(
+        self,
+        tokens: torch.Tensor,  # (n,) the token each row feeds
+        positions: torch.Tensor,  # (n,) its position id
+        cache: Cache,  # preallocated layers (alignkit.rollout._PreallocatedLayer)
+        attention_mask: torch.Tensor,  # (n, L) 1 = attend; L = filled cache slots + 1
+    ) -> torch.Tensor:
+        """Write each layer's key and value for ``tokens`` into ``cache``; logits (n, V) fp32."""
+        n = tokens.shape[0]
+        kv_heads, head_dim = self.kv_heads, self.head_dim
+        group = self.heads // kv_heads
+        hidden = self.embed(tokens).float()  # (n, H) the residual stream stays fp32
+        cos, sin = self.rotary(hidden, positions[:, None])  # (n, 1, D) each
+        column = attention_mask.shape[1] - 1
+        mask = attention_mask.bool()[:, None, None, :]  # (n, 1, 1, L)
+        for layer, kv in zip(self.layers, cache.layers, strict=True):
+            query, key, value = self._rotated(
+                layer.qkv(self._rms_norm(hidden, layer.input_norm)), cos, sin
+            )  # (n, heads or kv_heads, D)
+            kv.key_buffer[:, :, column] = key
+            kv.value_buffer[:, :, column] = value
+            kv.length = column + 1
+            kv._refresh_views()
+            # each kv head's query heads as its query length: (n, kv_heads, group, D)
+            query = query.reshape(n, kv_heads, group, head_dim).to(kv.keys.dtype)
+            attended = F.scaled_dot_product_attention(query, kv.keys, kv.values, attn_mask=mask)
+            hidden = hidden + layer.out(attended.reshape(n, -1))
+            hidden = self._mlp(layer, hidden)
+        return self._logits(hidden)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)

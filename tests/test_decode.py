@@ -1,0 +1,151 @@
+"""The fast decode step against the Hugging Face forward it replaces."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from alignkit.decode import FastDecoder
+from alignkit.models import autocast, load_policy, load_tokenizer
+from alignkit.rollout import SamplingParams, _new_cache, _prefill_logits, generate
+
+
+def _decode_both(model, bf16: bool, steps: int = 6):
+    """Prefill two left-padded prompts, then feed the same tokens through both steps.
+
+    Returns the per-step logits of the HF forward and of the fast step, (steps, 2, V) each.
+    """
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(5, 3000, (2, 9), generator=generator)
+    mask = torch.ones_like(input_ids)
+    mask[1, :4] = 0  # the second prompt is 5 tokens, left-padded
+    feed = torch.randint(5, 3000, (steps, 2), generator=generator)
+    capacity = input_ids.shape[1] + steps
+    decoder = FastDecoder.build(model, capacity, bf16=bf16)
+    assert decoder is not None
+    with torch.no_grad(), autocast(enabled=bf16):
+        plain_cache = _new_cache(model, capacity)
+        _prefill_logits(model, input_ids, mask, plain_cache)
+        fast_cache = copy.deepcopy(plain_cache)
+        attention = torch.cat([mask, torch.ones(2, steps, dtype=torch.long)], dim=1)
+        first = mask.sum(-1)
+        plain, fast = [], []
+        for step in range(steps):
+            column = input_ids.shape[1] + step + 1
+            positions = first + step
+            out = model(
+                input_ids=feed[step][:, None],
+                attention_mask=attention[:, :column],
+                position_ids=positions[:, None],
+                past_key_values=plain_cache,
+                use_cache=True,
+            )
+            plain.append(out.logits[:, -1].float())
+            fast.append(decoder.step(feed[step], positions, fast_cache, attention[:, :column]))
+        for plain_layer, fast_layer in zip(plain_cache.layers, fast_cache.layers, strict=True):
+            assert fast_layer.length == plain_layer.length == capacity
+    return torch.stack(plain), torch.stack(fast)
+
+
+def test_fast_step_gives_the_hf_logits_in_fp32(tiny_model):
+    model = load_policy(tiny_model).eval()
+    plain, fast = _decode_both(model, bf16=False)
+    assert plain.abs().max() > 0.1  # real logits, not zeros
+    assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_step_is_within_bf16_tolerance_of_autocast(tiny_model):
+    model = load_policy(tiny_model).eval()
+    plain, fast = _decode_both(model, bf16=True)
+    scale = plain.abs().max()
+    # bf16 keeps 8 bits of mantissa: products summed in another order differ by a few ulps
+    assert (fast - plain).abs().max() <= 2e-2 * scale
+    assert torch.equal(fast.argmax(-1), plain.argmax(-1))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fast_prefill_gives_the_hf_logits_and_cache(tiny_model, bf16):
+    model = load_policy(tiny_model).eval()
+    input_ids = torch.randint(5, 3000, (3, 12), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(input_ids)
+    mask[1, :5] = 0
+    mask[2, :11] = 0  # a one-token prompt
+    decoder = FastDecoder.build(model, 12, bf16=bf16)
+    with torch.no_grad(), autocast(enabled=bf16):
+        plain_cache, fast_cache = _new_cache(model, 12), _new_cache(model, 12)
+        plain = _prefill_logits(model, input_ids, mask, plain_cache)
+        fast = decoder.prefill(input_ids, mask, fast_cache)
+    tolerance = 2e-2 * plain.abs().max() if bf16 else 1e-5
+    assert (fast - plain).abs().max() <= tolerance
+    real = mask.bool()[:, None, :, None]  # (B, 1, P, 1): pad slots are never read
+    for plain_layer, fast_layer in zip(plain_cache.layers, fast_cache.layers, strict=True):
+        assert fast_layer.length == 12
+        pairs = ((fast_layer.keys, plain_layer.keys), (fast_layer.values, plain_layer.values))
+        for mine, theirs in pairs:
+            assert torch.isfinite(mine).all()
+            gap = ((mine.float() - theirs.float()) * real).abs().max()
+            assert gap <= (2e-2 * theirs.float().abs().max() if bf16 else 1e-5)
+
+
+def test_generate_samples_the_same_tokens_with_either_step_in_fp32(tiny_model):
+    model = load_policy(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
+    generator = torch.Generator().manual_seed(5)
+    # prompts of unlike length (bucketed prefill), 3 samples each; a common token as EOS
+    # would stop rows early, so compaction is exercised by the low max length of some rows
+    prompts = [torch.randint(5, 3000, (n,), generator=generator).tolist() for n in (11, 4, 30)]
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=2)
+    plain = generate(model, tokenizer, prompts, params, 3, bf16=False, fast_decode=False)
+    fast = generate(model, tokenizer, prompts, params, 3, bf16=False, fast_decode=True)
+    assert torch.equal(fast.input_ids, plain.input_ids)
+    assert torch.equal(fast.completion_mask, plain.completion_mask)
+    assert torch.allclose(fast.sampling_logps, plain.sampling_logps, atol=1e-5)
+    assert plain.completion_lengths.sum() >= 3 * 3 * 4  # tokens were sampled
+
+
+def test_rows_that_stop_early_are_dropped_the_same_way(tiny_model):
+    """An EOS that the tiny model samples often: rows finish at different steps."""
+    model = load_policy(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
+    prompts = [[17, 300, 2051], [9, 9, 400, 41, 7]]
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=11)
+    # the tokens the model samples most at the first step become "EOS" for this test
+    probe = generate(model, tokenizer, prompts, params, 4, bf16=False, fast_decode=False)
+    sampled = probe.input_ids[probe.completion_mask.bool()]
+    common = torch.mode(sampled).values.item()
+    model.generation_config.eos_token_id = [common]
+    plain = generate(model, tokenizer, prompts, params, 4, bf16=False, fast_decode=False)
+    fast = generate(model, tokenizer, prompts, params, 4, bf16=False, fast_decode=True)
+    lengths = plain.completion_lengths
+    assert lengths.min() < lengths.max()  # rows stopped at different steps
+    assert torch.equal(fast.input_ids, plain.input_ids)
+    assert torch.equal(fast.completion_lengths, lengths)
+    assert torch.allclose(fast.sampling_logps, plain.sampling_logps, atol=1e-5)
+
+
+def test_other_architectures_and_lora_keep_the_hf_forward(tiny_model):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100))
+    assert FastDecoder.build(gpt2, 64, bf16=False) is None
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(
+        load_policy(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    assert FastDecoder.build(lora, 64, bf16=False) is None
+    assert FastDecoder.build(lora.base_model.model, 64, bf16=False) is None  # lora layers inside
+    assert FastDecoder.build(load_policy(tiny_model), 64, bf16=False) is not None
+
+
+def test_embedded_model_fast_step_within_bf16_of_the_hf_step():
+    """On the real model: the fast step's bf16 logits are as close to fp32 as autocast's."""
+    model = load_policy("smollm2-135m-instruct").eval()
+    plain, fast = _decode_both(model, bf16=True)
+    exact, _ = _decode_both(model, bf16=False)
+    assert torch.equal(fast.argmax(-1), plain.argmax(-1))
+    assert (fast - plain).abs().max() <= 1e-2 * plain.abs().max()
+    bf16_error = (plain - exact).abs().max()
+    assert bf16_error > 0  # bf16 really ran
+    assert (fast - exact).abs().max() <= 1.5 * bf16_error
