@@ -24,6 +24,7 @@ returns None for anything else (LoRA-wrapped layers too) and the plain path runs
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,11 @@ from transformers.cache_utils import Cache
 _ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
+
+# The decoder built for each frozen model, with the parameter versions it was built from.
+_BUILT: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FastDecoder]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _linear(weights: list[torch.Tensor], biases: list[torch.Tensor | None], bf16: bool) -> Linear:
@@ -73,6 +79,27 @@ class _Layer:
 
 def _plain_linears(*modules: nn.Module) -> bool:
     return all(type(module) is nn.Linear for module in modules)
+
+
+def _supported(model: nn.Module, capacity: int) -> bool:
+    """``model``'s decoder layers are the ones :class:`FastDecoder` writes out."""
+    config = getattr(model, "config", None)
+    if type(model).__name__ not in _ARCHITECTURES or config is None:
+        return False
+    if getattr(config, "hidden_act", None) != "silu" or not hasattr(model, "model"):
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and window < capacity:
+        return False
+    if not _plain_linears(model.lm_head):
+        return False
+    return all(
+        _plain_linears(
+            block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
+            block.self_attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj,
+        )  # fmt: skip
+        for block in model.model.layers
+    )
 
 
 class FastDecoder:
@@ -118,25 +145,28 @@ class FastDecoder:
         ``capacity``: the longest sequence the rollout reaches (a sliding window shorter
         than it would change attention). ``bf16``: packed bf16 products (CPU with bf16)
         rather than fp32 ``F.linear``.
+
+        A frozen model (no parameter requires grad: a sampler, an evaluator, a server)
+        keeps the decoder built for it until one of its parameters changes (in place, as
+        an optimizer or ``load_state_dict`` changes it, or replaced), so repeated calls
+        pack its weights once. A trainable model gets a fresh one each call and keeps
+        none between calls (its weights change every step; the packed copy would only
+        hold memory).
         """
-        config = getattr(model, "config", None)
-        if type(model).__name__ not in _ARCHITECTURES or config is None:
+        if not _supported(model, capacity):
             return None
-        if getattr(config, "hidden_act", None) != "silu" or not hasattr(model, "model"):
-            return None
-        window = getattr(config, "sliding_window", None)
-        if window is not None and getattr(config, "use_sliding_window", True) and window < capacity:
-            return None
-        if not _plain_linears(model.lm_head):
-            return None
-        for block in model.model.layers:
-            attn, mlp = block.self_attn, block.mlp
-            if not _plain_linears(
-                attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                mlp.gate_proj, mlp.up_proj, mlp.down_proj,
-            ):  # fmt: skip
-                return None
-        return cls(model, bf16)
+        parameters = list(model.parameters())
+        if any(p.requires_grad for p in parameters):
+            _BUILT.pop(model, None)
+            return cls(model, bf16)
+        key = (bf16, tuple((p.data_ptr(), p._version) for p in parameters))
+        kept = _BUILT.get(model)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        _BUILT.pop(model, None)  # the stale copy goes before the new one is packed
+        decoder = cls(model, bf16)
+        _BUILT[model] = (key, decoder)
+        return decoder
 
     def _rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(hidden.float(), (hidden.shape[-1],), weight.float(), self.eps)

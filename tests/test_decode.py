@@ -149,3 +149,22 @@ def test_embedded_model_fast_step_within_bf16_of_the_hf_step():
     bf16_error = (plain - exact).abs().max()
     assert bf16_error > 0  # bf16 really ran
     assert (fast - exact).abs().max() <= 1.5 * bf16_error
+
+
+def test_a_frozen_model_packs_once_until_its_weights_change(tiny_model):
+    model = load_policy(tiny_model).eval().requires_grad_(False)
+    first = FastDecoder.build(model, 32, bf16=False)
+    assert FastDecoder.build(model, 32, bf16=False) is first  # no repacking
+    assert FastDecoder.build(model, 32, bf16=True) is not first  # another precision
+    bf16 = FastDecoder.build(model, 32, bf16=True)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(2.0)  # as an optimizer step would
+    changed = FastDecoder.build(model, 32, bf16=True)
+    assert changed is not bf16
+    # the rebuilt decoder computes with the new weight: its logits match the HF forward's
+    plain, fast = _decode_both(model, bf16=False)
+    assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-5)
+    trainable = load_policy(tiny_model)
+    assert FastDecoder.build(trainable, 32, bf16=False) is not FastDecoder.build(
+        trainable, 32, bf16=False
+    )  # a policy being trained is repacked every call

@@ -100,7 +100,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     reward = (
         build_reward(config.reward, tokenizer, ensemble=config.ensemble) if config.reward else None
     )
-    model = load_policy(config.model)
+    model = load_policy(config.model).requires_grad_(False)  # sampling only: the decoder is kept
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     # resume keeps whole batches only, so the rest is sampled with the same seeds
