@@ -95,8 +95,13 @@ def _supported(model: nn.Module, capacity: int) -> bool:
         return False
     return all(
         _plain_linears(
-            block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
-            block.self_attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj,
+            block.self_attn.q_proj,
+            block.self_attn.k_proj,
+            block.self_attn.v_proj,
+            block.self_attn.o_proj,
+            block.mlp.gate_proj,
+            block.mlp.up_proj,
+            block.mlp.down_proj,
         )  # fmt: skip
         for block in model.model.layers
     )
