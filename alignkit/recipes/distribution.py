@@ -38,7 +38,7 @@ from alignkit.recipes.best_of_n import sample_and_score, sequence_logps
 from alignkit.recipes.online import OnlineConfig
 from alignkit.recipes.online_run import OnlineRun
 from alignkit.recipes.policy_gradient import optimizer_update
-from alignkit.rollout import score
+from alignkit.rollout import Rollout, score
 from alignkit.training.optim import check_finite
 
 Algo = Literal["dpg", "gdcpp", "brain", "snis"]
@@ -240,10 +240,28 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         desc=f"dm-{config.algo}",
         states=states,
     )
-    policy, inputs, bf16 = session.policy, session.inputs, session.bf16
-    params = [p for p in policy.parameters() if p.requires_grad]
+    # sampling and no-grad scoring use the plain policy (under fsdp a full copy of the
+    # sharded one, refreshed every step); the update goes through session.forward
+    policy, inputs, bf16 = session.rollout_policy, session.inputs, session.bf16
+    params = [p for p in session.trainable.parameters() if p.requires_grad]
     proposal = proposal_weights.build(policy) if config.proposal == "adaptive" else policy
     n, beta, job = config.samples_per_prompt, config.kl_coef, session.job
+
+    def estimator_loss(
+        model: torch.nn.Module,
+        rollout: Rollout,
+        target: torch.Tensor,  # (B, n)
+        proposal_sums: torch.Tensor,  # (B, n)
+        log_partition: torch.Tensor,  # (B,)
+    ) -> tuple:
+        """(loss, metrics, S_theta of every sample (B, n) detached), with gradients."""
+        mask = rollout.completion_mask
+        policy_sums = (score(model, rollout, temperature=1.0, bf16=bf16).logps * mask).sum(-1)
+        policy_sums = policy_sums.view(-1, n)
+        loss, loss_metrics = distribution_matching_loss(
+            config.algo, policy_sums, target, proposal_sums, log_partition
+        )
+        return loss, loss_metrics, policy_sums.detach()
 
     for step in range(session.start_step + 1, config.max_steps + 1):
         # 1. sample n completions per prompt from the proposal q (each rank its slice of
@@ -284,10 +302,8 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         # 4. the estimator's loss: updates_per_batch optimizer steps on this batch
         parts: list[dict[str, float]] = []
         for _ in range(config.updates_per_batch):
-            policy_sums = (score(policy, rollout, temperature=1.0, bf16=bf16).logps * mask).sum(-1)
-            policy_sums = policy_sums.view(-1, n)
-            loss, loss_metrics = distribution_matching_loss(
-                config.algo, policy_sums, target, proposal_sums, log_partition
+            loss, loss_metrics, policy_sums = session.forward(
+                estimator_loss, rollout, target, proposal_sums, log_partition
             )
             part = {
                 "loss": float(loss.detach()),
@@ -301,7 +317,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                 loss = loss * share
                 part = job.weighted_sum(part, share)
             check_finite(part["loss"], "loss", step, session.last_checkpoint)
-            loss.backward()
+            job.backward(loss)
             part["grad_norm"] = optimizer_update(
                 params,
                 session.optimizer,
@@ -313,11 +329,12 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             parts.append(part)
         session.scheduler.step()
         # 5. KL(p* || pi) and KL(p* || q); GDC's proposal update
-        all_policy_sums = torch.cat(job.gather(policy_sums.detach()))
+        all_policy_sums = torch.cat(job.gather(policy_sums))
         kl_policy, kl_proposal = forward_kls(
             whole["target"], whole["proposal"], all_policy_sums, global_log_partition
         )  # pi_theta as it was before the last update
         if config.proposal == "adaptive" and schedule.observe(kl_policy, kl_proposal):
+            session.sync_plain()  # the policy after this step's updates
             proposal.load_state_dict(policy.state_dict())
         # 6. log, evaluate, checkpoint
         metrics: dict[str, float] = {

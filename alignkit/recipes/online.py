@@ -79,9 +79,10 @@ class OnlineConfig:
     bf16: Literal["auto", "true", "false"] = doc(
         "bf16 autocast: auto = where the CPU/GPU has it", "auto"
     )
-    distributed: Literal["none", "ddp"] = doc(
-        "under torchrun: ddp shards each step's prompts over ranks and sums gradients "
-        "(gloo on CPU, NCCL on GPU); every row samples from its own seed",
+    distributed: Literal["none", "ddp", "fsdp"] = doc(
+        "under torchrun: ddp shards each step's prompts over ranks and sums gradients; "
+        "fsdp also shards the trained weights (FSDP2) and samples from a full copy; "
+        "gloo on CPU, NCCL on GPU; every row samples from its own seed",
         "none",
     )
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings"})

@@ -96,11 +96,13 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         states={},
         check_job=lambda job: require_split(job, config.batch_size, "batch_size"),
     )
-    policy, inputs, bf16 = session.policy, session.inputs, session.bf16
-    params = [p for p in policy.parameters() if p.requires_grad]
+    # sampling and the refreshed reference use the plain policy (under fsdp a full copy
+    # of the sharded one, refreshed every step); the update goes through session.forward
+    policy, inputs, bf16 = session.rollout_policy, session.inputs, session.bf16
+    params = [p for p in session.trainable.parameters() if p.requires_grad]
     n, job = config.samples_per_prompt, session.job
     spec = PAIRWISE_LOSS_SPECS[config.loss]
-    compute_loss = make_pairwise_loss(
+    pairwise_loss = make_pairwise_loss(
         config.loss,
         {
             "beta": config.beta,
@@ -109,6 +111,10 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             "nll_coef": config.nll_coef,
         },
     )
+
+    def compute_loss(model: torch.nn.Module, pair_batch: dict[str, torch.Tensor]) -> tuple:
+        with autocast(enabled=bf16):
+            return pairwise_loss(model, pair_batch)
 
     for step in range(session.start_step + 1, config.max_steps + 1):
         round_started = time.time()
@@ -175,8 +181,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     pair_batch["ref_logps"] = torch.stack(
                         [ref_sums[chosen_rows[pair_index]], ref_sums[rejected_rows[pair_index]]], -1
                     )
-                with autocast(enabled=bf16):
-                    loss, loss_metrics = compute_loss(policy, pair_batch)
+                loss, loss_metrics = session.forward(compute_loss, pair_batch)
                 part = {
                     "loss": float(loss.detach()),
                     "grad_norm": 0.0,  # set after the step
@@ -189,7 +194,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     shares["tokens"] = 1.0  # a count, summed
                     part = job.weighted_sum(part, shares)
                 check_finite(part["loss"], "loss", step, session.last_checkpoint)
-                loss.backward()
+                job.backward(loss)
                 part["grad_norm"] = optimizer_update(
                     params,
                     session.optimizer,

@@ -3,6 +3,7 @@ its loop (inputs, models, optimizer, prompt order, metrics, evaluation, checkpoi
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from alignkit.data.examples import Prompt
+from alignkit.errors import InputError
 from alignkit.models import load_policy, load_tokenizer
 from alignkit.recipes.offline import save_run
 from alignkit.recipes.online import (
@@ -27,14 +29,19 @@ from alignkit.recipes.online import (
     task_gold,
 )
 from alignkit.rollout import SamplingParams
-from alignkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    trainable_state,
+)
 from alignkit.training.common import (
     check_output_dir,
     prepare_output_dir,
     seed_everything,
     set_threads,
 )
-from alignkit.training.distributed import Distributed, main_first, setup
+from alignkit.training.distributed import Distributed, LossModule, main_first, setup
 from alignkit.training.metrics import MetricsLogger
 from alignkit.training.optim import build_optimizer
 
@@ -106,18 +113,27 @@ class OnlineRun:
     ``states`` are recipe objects with ``state_dict`` / ``load_state_dict`` (a KL
     controller, running reward statistics) that checkpoints carry and resume restores.
 
-    Under ``torchrun`` with ``distributed=ddp`` (``job`` with several ranks) each rank
-    samples its slice of every step's prompts (:meth:`local_prompts`), and only rank 0
-    evaluates, logs and writes checkpoints and the final model (``logger`` is None on
-    the other ranks).
+    Under ``torchrun`` (``job`` with several ranks) each rank samples its slice of every
+    step's prompts (:meth:`local_prompts`), and only rank 0 evaluates, logs and writes
+    checkpoints and the final model (``logger`` is None on the other ranks).
+
+    Everything with a gradient goes through :meth:`forward`; everything without one
+    (sampling, rollout-time log-probs and values, evaluation, saving) uses ``plain``.
+    With ``distributed=fsdp`` the trainable module is sharded (FSDP2, the loss module
+    ``runner`` its root, so an update is one root forward and backward), and ``plain``
+    is a full, unsharded copy of it, refreshed from the shards at the end of every step
+    (:meth:`sync_plain`). Otherwise ``plain`` is the trainable module itself.
     """
 
     config: OnlineConfig
     started: float
     inputs: RunInputs
-    policy: nn.Module
+    policy: nn.Module  # the trained policy (under fsdp sharded: use it through forward)
     reference: ReferencePolicy
     trainable: nn.Module  # the policy, or a module holding the policy and its critic
+    plain: nn.Module  # ``trainable``, or under fsdp its full copy for no-grad work
+    rollout_policy: nn.Module  # the policy inside ``plain``: sampling, scoring, saving
+    runner: nn.Module | None  # under fsdp: the sharded root whose forward runs an update
     optimizer: torch.optim.Optimizer
     scheduler: Any
     output_dir: Path
@@ -156,6 +172,12 @@ class OnlineRun:
         job = setup(config.distributed, config.prompts_per_step, "prompts_per_step")
         if check_job is not None:
             check_job(job)
+        if job.sharded and config.lora.r > 0:
+            raise InputError(
+                "LoRA is not supported with distributed=fsdp; use distributed=ddp",
+                path="config",
+                field="distributed",
+            )
         check_output_dir(config.output_dir, overwrite, resume)
         job.barrier()  # every rank has checked before rank 0 creates or replaces it
         seed_everything(config.seed)
@@ -163,6 +185,13 @@ class OnlineRun:
         reference = ReferencePolicy(policy, config.model, config.reference)
         trainable = build_trainable(policy)
         trainable.train()
+        plain, runner = trainable, None
+        if job.sharded:
+            # the plain copy first: fully_shard then replaces the trainable parameters by
+            # shards (DTensors), and the optimizer is built over the shards
+            plain = copy.deepcopy(trainable)
+            runner = job.wrap(LossModule(trainable, _call))
+        policy_name = next(name for name, m in trainable.named_modules() if m is policy)
         optimizer, scheduler = build_optimizer(
             trainable,
             config.lr,
@@ -178,7 +207,13 @@ class OnlineRun:
         start_step, last_checkpoint, extra = 0, None, {}
         found = latest_checkpoint(output_dir) if resume else None
         if found is not None:
-            start_step, extra = load_checkpoint(found, trainable, optimizer, scheduler)
+            load_state = None
+            if job.sharded:
+
+                def load_state(weights: dict, optimizer_state: dict) -> None:
+                    job.load_full_state(trainable, optimizer, weights, optimizer_state)
+
+            start_step, extra = load_checkpoint(found, trainable, optimizer, scheduler, load_state)
             for name, state in states.items():
                 state.load_state_dict(extra[name])
             last_checkpoint = str(found)
@@ -190,6 +225,9 @@ class OnlineRun:
             policy=policy,
             reference=reference,
             trainable=trainable,
+            plain=plain,
+            rollout_policy=plain.get_submodule(policy_name),
+            runner=runner,
             optimizer=optimizer,
             scheduler=scheduler,
             output_dir=output_dir,
@@ -208,10 +246,27 @@ class OnlineRun:
             last_metrics={},
             job=job,
         )
+        if found is not None:
+            session.sync_plain()
         if start_step == 0 and inputs.eval_prompts and session.logger is not None:
             session.eval_reference = session.evaluate()
             session.logger.log(0, session.eval_reference)
         return session
+
+    def forward(self, compute: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``compute(trainable, *args, **kwargs)``: the part of an update that needs
+        gradients (the training forward and the loss). Under fsdp it runs inside the
+        sharded root's forward, so FSDP2 gathers each layer's weights for it and reduces
+        the gradients in the backward pass; ``compute`` returns its tensors in tuples or
+        dicts (FSDP2 hooks the tensors it finds in them)."""
+        if self.runner is None:
+            return compute(self.trainable, *args, **kwargs)
+        return self.runner((compute, args, kwargs))
+
+    def sync_plain(self) -> None:
+        """Refresh ``plain`` from the shards (a collective; a no-op without fsdp)."""
+        if self.runner is not None:
+            self.job.copy_full_weights(self.trainable, self.plain)
 
     def gather_samples(
         self, samples: Any, per_row: dict[str, torch.Tensor] | None = None
@@ -251,12 +306,14 @@ class OnlineRun:
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics; every evaluation uses the same sampling seed (that of step 0)."""
         return evaluate(
-            self.policy, self.inputs, self.config.sampling(0), self.bf16, self.reference
+            self.rollout_policy, self.inputs, self.config.sampling(0), self.bf16, self.reference
         )
 
     def end_of_step(self, step: int, metrics: dict[str, float], final: bool = False) -> bool:
-        """Evaluate when due, log, checkpoint when due; returns ``final`` (stop the loop)."""
+        """Refresh ``plain``, evaluate when due, log, checkpoint when due; returns ``final``
+        (stop the loop). Every rank calls it."""
         config = self.config
+        self.sync_plain()
         is_last = final or step == config.max_steps
         due = config.eval_every > 0 and step % config.eval_every == 0
         if self.logger is not None:
@@ -266,13 +323,17 @@ class OnlineRun:
             self.logger.advance()
         self.step, self.last_metrics = step, metrics
         save = config.save_steps > 0 and step % config.save_steps == 0 and not is_last
-        if save and not self.job.is_main:
-            self.last_checkpoint = str(self.output_dir / "checkpoints" / f"step-{step:06d}")
-        elif save:
+        if not save:
+            return final
+        weights = optimizer_state = None
+        if self.runner is not None:  # gathered on every rank, written by rank 0
+            weights = trainable_state(self.plain)
+            optimizer_state = self.job.full_optimizer_state(self.trainable, self.optimizer)
+        if self.job.is_main:
             extra = {name: state.state_dict() for name, state in self.states.items()}
             extra["eval_reference"] = self.eval_reference
             extra["next_rollout_seed"] = rollout_seed(config.seed, step + 1)
-            path = save_checkpoint(
+            save_checkpoint(
                 self.output_dir,
                 step,
                 self.trainable,
@@ -280,8 +341,10 @@ class OnlineRun:
                 self.scheduler,
                 extra=extra,
                 keep_last=config.keep_last,
+                weights=weights,
+                optimizer_state=optimizer_state,
             )
-            self.last_checkpoint = str(path)
+        self.last_checkpoint = str(self.output_dir / "checkpoints" / f"step-{step:06d}")
         return final
 
     def finish(
@@ -297,9 +360,20 @@ class OnlineRun:
         }
         summary = {"steps": self.step, "stopped": stopped, **reference, **self.last_metrics}
         save_run(
-            self.policy, self.inputs.tokenizer, self.config, self.output_dir, summary, self.started
+            self.rollout_policy,
+            self.inputs.tokenizer,
+            self.config,
+            self.output_dir,
+            summary,
+            self.started,
         )
         if save_extra is not None:
             save_extra(self.output_dir)
         self.job.barrier()
         return summary
+
+
+def _call(trainable: nn.Module, call: tuple[Callable[..., Any], tuple, dict]) -> Any:
+    """The root loss module's forward under fsdp: ``compute(trainable, *args, **kwargs)``."""
+    compute, args, kwargs = call
+    return compute(trainable, *args, **kwargs)

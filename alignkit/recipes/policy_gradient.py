@@ -358,13 +358,18 @@ def optimizer_update(
 
     The learning-rate schedule advances once per rollout step, not per minibatch, so the
     recipe steps the scheduler itself. With ``job`` on several ranks the gradients are
-    first summed over ranks (each rank's loss carries its share of the global mean).
+    first summed over ranks (each rank's loss carries its share of the global mean);
+    under FSDP2 the backward pass has reduced them into the shards already.
     """
     if job is not None:
         job.sum_gradients(params)
     with_grad = [p for p in params if p.grad is not None]
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, limit)) if with_grad else 0.0
+    grad_norm = 0.0
+    if with_grad:
+        total = torch.nn.utils.clip_grad_norm_(with_grad, limit)
+        # FSDP2's gradients are sharded DTensors: their norm is one too
+        grad_norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
     check_finite(grad_norm, "gradient norm", step, last_checkpoint)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

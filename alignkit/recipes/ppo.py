@@ -202,10 +202,42 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         states={"kl_controller": kl_controller, "reward_stats": reward_stats},
         check_job=lambda job: check_minibatch_split(job, rows, config.num_minibatches),
     )
-    policy, critic, inputs = session.policy, session.trainable.critic, session.inputs
+    # sampling and rollout-time values use the plain modules (under fsdp a full copy of
+    # the sharded ones, refreshed every step); the update goes through session.forward
+    policy, critic, inputs = session.rollout_policy, session.plain.critic, session.inputs
     params = [p for p in session.trainable.parameters() if p.requires_grad]
     bf16, job, pad_id = session.bf16, session.job, inputs.tokenizer.pad_token_id
     stop = None
+
+    def minibatch_losses(
+        trainable: PolicyAndCritic,
+        rows: dict[str, torch.Tensor],
+        old_logps: torch.Tensor,  # (n, T)
+        old_values: torch.Tensor,  # (n, T)
+        advantages: torch.Tensor,  # (n, T)
+        returns: torch.Tensor,  # (n, T)
+        mask: torch.Tensor,  # (n, T)
+        prompt_length: int,
+        temperature: float,
+    ) -> tuple:
+        """(policy loss, value loss, their metrics, new log-probs, new values) of a
+        minibatch's rows, with gradients; the new tensors come back detached."""
+        new = forward_pass(
+            trainable.policy,
+            **rows,
+            prompt_length=prompt_length,
+            temperature=temperature,
+            bf16=bf16,
+            critic=trainable.critic,
+        )
+        pg_loss, pg_metrics = ppo_policy_loss(
+            new.logps, old_logps, advantages, mask, config.clip_eps
+        )
+        vf_loss, vf_metrics = ppo_value_loss(
+            new.values, old_values, returns, mask, config.value_clip_eps
+        )
+        metrics = {**pg_metrics, **vf_metrics}
+        return pg_loss, vf_loss, metrics, new.logps.detach(), new.values.detach()
 
     for step in range(session.start_step + 1, config.max_steps + 1):
         kl_coef, lr = kl_controller.value, session.scheduler.get_last_lr()[0]
@@ -254,30 +286,23 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                 rows, config.num_minibatches, config.seed, step, epoch
             ):
                 index = job.local_rows(minibatch)  # this rank's chunk of the minibatch
-                new = forward_pass(
-                    policy,
-                    **experience.rows(index),
-                    prompt_length=experience.rollout.prompt_length,
-                    temperature=experience.rollout.temperature,
-                    bf16=bf16,
-                    critic=critic,
-                )
-                pg_loss, pg_metrics = ppo_policy_loss(
-                    new.logps, old_logps[index], advantages[index], mask[index], config.clip_eps
-                )
-                vf_loss, vf_metrics = ppo_value_loss(
-                    new.values,
+                pg_loss, vf_loss, loss_metrics, new_logps, new_values = session.forward(
+                    minibatch_losses,
+                    experience.rows(index),
+                    old_logps[index],
                     old_values[index],
+                    advantages[index],
                     returns[index],
                     mask[index],
-                    config.value_clip_eps,
+                    experience.rollout.prompt_length,
+                    experience.rollout.temperature,
                 )
                 loss = pg_loss + config.vf_coef * vf_loss
                 part = {
                     "pg_loss": float(pg_loss.detach()),
                     "value_loss": float(vf_loss.detach()),
                     "grad_norm": 0.0,  # set after the step
-                    **{k: float(v) for k, v in {**pg_metrics, **vf_metrics}.items()},
+                    **{k: float(v) for k, v in loss_metrics.items()},
                 }
                 if job.enabled:
                     # both losses are token means: this rank's share of the minibatch's tokens
@@ -285,11 +310,11 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     loss = loss * share
                     part = job.weighted_sum(part, share)
                     part["explained_variance"] = explained_variance(
-                        job, new.values.detach(), returns[index], mask[index]
+                        job, new_values, returns[index], mask[index]
                     )
                 total = part["pg_loss"] + config.vf_coef * part["value_loss"]
                 check_finite(total, "loss", step, session.last_checkpoint)
-                loss.backward()
+                job.backward(loss)
                 part["grad_norm"] = optimizer_update(
                     params,
                     session.optimizer,
@@ -300,7 +325,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                 )
                 if first_ratio_dev is None:
                     first_ratio_dev = job.max(
-                        first_ratio_deviation(new.logps, old_logps[index], mask[index])
+                        first_ratio_deviation(new_logps, old_logps[index], mask[index])
                     )
                 parts.append(part)
                 target = config.target_approx_kl

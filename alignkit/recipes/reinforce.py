@@ -132,9 +132,49 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         states={"baseline": baseline},
         check_job=lambda job: check_minibatch_split(job, rows, config.num_minibatches),
     )
-    policy, inputs, bf16 = session.policy, session.inputs, session.bf16
-    params = [p for p in policy.parameters() if p.requires_grad]
+    # sampling and rollout-time log-probs use the plain policy (under fsdp a full copy of
+    # the sharded one, refreshed every step); the update goes through session.forward
+    policy, inputs, bf16 = session.rollout_policy, session.inputs, session.bf16
+    params = [p for p in session.trainable.parameters() if p.requires_grad]
     stop, job, pad_id = None, session.job, inputs.tokenizer.pad_token_id
+
+    def minibatch_loss(
+        model: torch.nn.Module,
+        rows: dict[str, torch.Tensor],
+        old_logps: torch.Tensor,  # (n, T)
+        ref_logps: torch.Tensor | None,  # (n, T)
+        advantages: torch.Tensor,  # (n,) or (n, T)
+        mask: torch.Tensor,  # (n, T)
+        prompt_length: int,
+        temperature: float,
+    ) -> tuple:
+        """(loss, its metrics, new log-probs detached) of a minibatch's rows."""
+        new = forward_pass(
+            model, **rows, prompt_length=prompt_length, temperature=temperature, bf16=bf16
+        )
+        if algo == "grpo":
+            loss, loss_metrics = grpo_loss(
+                new.logps,
+                old_logps,
+                ref_logps if kl_in_loss else None,
+                advantages,
+                mask,
+                clip_eps=config.clip_eps,
+                kl_coef=kl_coef if kl_in_loss else 0.0,
+                aggregation=config.aggregation,
+                max_completion_length=config.max_new_tokens,
+            )
+            loss_metrics["token_k3"] = loss_metrics.pop("kl")  # mean k3 in the loss
+        elif algo == "reinforce_pp":
+            loss, loss_metrics = ppo_policy_loss(
+                new.logps, old_logps, advantages, mask, config.clip_eps
+            )
+        else:
+            sequence_logps = (new.logps * mask).sum(1)  # (n,)
+            loss, loss_metrics = reinforce_loss(sequence_logps, advantages)
+            if kl_in_loss and kl_coef:
+                loss = loss + kl_coef * sequence_k3(new.logps, ref_logps, mask)
+        return loss, loss_metrics, new.logps.detach()
 
     for step in range(session.start_step + 1, config.max_steps + 1):
         lr = session.scheduler.get_last_lr()[0]
@@ -189,37 +229,18 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                 rows, config.num_minibatches, config.seed, step, epoch
             ):
                 index = job.local_rows(minibatch)  # this rank's chunk of the minibatch
-                new = forward_pass(
-                    policy,
-                    **experience.rows(index),
-                    prompt_length=experience.rollout.prompt_length,
-                    temperature=experience.rollout.temperature,
-                    bf16=bf16,
-                )
                 mb_mask, mb_old = mask[index], old_logps[index]
-                if algo == "grpo":
-                    loss, loss_metrics = grpo_loss(
-                        new.logps,
-                        mb_old,
-                        ref_logps[index] if kl_in_loss else None,
-                        advantages[index],
-                        mb_mask,
-                        clip_eps=config.clip_eps,
-                        kl_coef=kl_coef if kl_in_loss else 0.0,
-                        aggregation=config.aggregation,
-                        max_completion_length=config.max_new_tokens,
-                    )
-                    loss_metrics["token_k3"] = loss_metrics.pop("kl")  # mean k3 in the loss
-                elif algo == "reinforce_pp":
-                    loss, loss_metrics = ppo_policy_loss(
-                        new.logps, mb_old, advantages[index], mb_mask, config.clip_eps
-                    )
-                else:
-                    sequence_logps = (new.logps * mb_mask).sum(1)  # (n,)
-                    loss, loss_metrics = reinforce_loss(sequence_logps, advantages[index])
-                    if kl_in_loss and kl_coef:
-                        loss = loss + kl_coef * sequence_k3(new.logps, ref_logps[index], mb_mask)
-                log_ratio = new.logps.detach() - mb_old
+                loss, loss_metrics, new_logps = session.forward(
+                    minibatch_loss,
+                    experience.rows(index),
+                    mb_old,
+                    ref_logps[index] if ref_logps is not None else None,
+                    advantages[index],
+                    mb_mask,
+                    experience.rollout.prompt_length,
+                    experience.rollout.temperature,
+                )
+                log_ratio = new_logps - mb_old
                 part = {
                     "loss": float(loss.detach()),
                     "grad_norm": 0.0,  # set after the step
@@ -241,7 +262,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                         part["advantage_mean"] = float(whole.mean())
                         part["advantage_std"] = float(whole.std(correction=0))
                 check_finite(part["loss"], "loss", step, session.last_checkpoint)
-                loss.backward()
+                job.backward(loss)
                 part["grad_norm"] = optimizer_update(
                     params,
                     session.optimizer,
@@ -251,7 +272,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     job=job,
                 )
                 if first_ratio_dev is None:
-                    first_ratio_dev = job.max(first_ratio_deviation(new.logps, mb_old, mb_mask))
+                    first_ratio_dev = job.max(first_ratio_deviation(new_logps, mb_old, mb_mask))
                 parts.append(part)
                 target = config.target_approx_kl
                 if target is not None and part["approx_kl"] > target:

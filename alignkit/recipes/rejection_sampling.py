@@ -88,6 +88,12 @@ def sft_batches(
     return [stream[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
+def autocast_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> tuple:
+    """The SFT loss of ``batch`` (and its metrics) under bf16 autocast when asked."""
+    with autocast(enabled=bf16):
+        return sft_loss(model, batch)
+
+
 def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     session = OnlineRun.start(
         config,
@@ -98,8 +104,10 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         states={},
         check_job=lambda job: require_split(job, config.batch_size, "batch_size"),
     )
-    policy, inputs, bf16 = session.policy, session.inputs, session.bf16
-    params = [p for p in policy.parameters() if p.requires_grad]
+    # sampling uses the plain policy (under fsdp a full copy of the sharded one,
+    # refreshed every step); the update goes through session.forward
+    policy, inputs, bf16 = session.rollout_policy, session.inputs, session.bf16
+    params = [p for p in session.trainable.parameters() if p.requires_grad]
     n, job = config.samples_per_prompt, session.job
 
     for step in range(session.start_step + 1, config.max_steps + 1):
@@ -154,8 +162,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     "attention_mask": rollout.attention_mask[index],
                     "completion_mask": rollout.completion_mask[index],
                 }
-                with autocast(enabled=bf16):
-                    loss, _ = sft_loss(policy, sft_batch)
+                loss, _ = session.forward(autocast_loss, sft_batch, bf16)
                 loss_value = float(loss.detach())
                 if job.enabled:  # a token mean: this rank's share of the batch's tokens
                     mask = rollout.completion_mask
@@ -163,7 +170,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     loss = loss * share
                     loss_value = job.weighted_sum({"loss": loss_value}, share)["loss"]
                 check_finite(loss_value, "loss", step, session.last_checkpoint)
-                loss.backward()
+                job.backward(loss)
                 grad_norms.append(
                     optimizer_update(
                         params,

@@ -130,8 +130,9 @@ class Distributed:
     def sum_gradients(self, params: list[nn.Parameter]) -> None:
         """Sum the gradients of ``params`` over ranks (one flat all-reduce); a parameter
         without a gradient on this rank contributes zeros. Each rank's loss must already
-        carry its share of the global mean."""
-        if not self.enabled or not params:
+        carry its share of the global mean. Under FSDP2 the backward pass has already
+        reduced them into the shards (:meth:`backward`): nothing to do."""
+        if not self.enabled or self.sharded or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -141,6 +142,13 @@ class Distributed:
             size = grad.numel()
             param.grad = flat[offset : offset + size].view_as(grad).to(grad.dtype)
             offset += size
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` for a rank's loss that carries its share of the global mean,
+        so the gradient is the sum over ranks. FSDP2's reduce-scatter averages the ranks'
+        gradients instead, so under ``fsdp`` the loss is scaled by the world size first
+        (gloo has no pre-multiplied sum to set the divide factor to 1)."""
+        (loss * self.world_size if self.sharded else loss).backward()
 
     def wrap(self, module: nn.Module) -> nn.Module:
         if not self.enabled:
@@ -200,6 +208,16 @@ class Distributed:
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(model, weights, options=options)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+    @torch.no_grad()
+    def copy_full_weights(self, sharded: nn.Module, plain: nn.Module) -> None:
+        """Copy the parameters of ``sharded`` (FSDP2 DTensor shards) into the same-named
+        parameters of ``plain``, an unsharded copy of the same module (a collective: one
+        all-gather per parameter, on every rank)."""
+        targets = dict(plain.named_parameters())
+        for name, param in sharded.named_parameters():
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param
+            targets[name].copy_(full)
 
     def unshard_for_saving(self, model: nn.Module) -> None:
         """Replace the sharded parameters by full ones, in place, on every rank (a
