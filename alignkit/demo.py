@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import json
 import os
+import random
 import shutil
 import time
 import traceback
@@ -248,7 +249,7 @@ def method_values(method: str, s: DemoSettings, start: str, rm: str, out: Path) 
         return {**online, **grouped, **held_out, "max_steps": rounds, "sft_steps": 2,
                 "keep_top": 1, "batch_size": s.rollout_rows // group}  # fmt: skip
     if method == "dpo":
-        return {"model": start, "data": str(out / "data" / "pairs.jsonl"), "output_dir": str(out / method),
+        return {"model": start, "data": str(_dpo_pairs(s, out)), "output_dir": str(out / method),
                 "max_steps": s.dpo_steps, "batch_size": 8, "lr": s.dpo_lr, "beta": 0.1,
                 "max_length": 160, "seed": s.seed}  # fmt: skip
     if method == "best_of_n":
@@ -256,6 +257,20 @@ def method_values(method: str, s: DemoSettings, start: str, rm: str, out: Path) 
                 "n": s.bon_n, "max_prompts": s.eval_prompts, "max_new_tokens": s.max_new_tokens,
                 "temperature": s.temperature, "seed": s.seed}  # fmt: skip
     raise ValueError(method)
+
+
+def _dpo_pairs(s: DemoSettings, out: Path) -> Path:
+    """The pairs DPO trains on: a seeded sample of as many as its steps visit.
+
+    DPO scores every row with the reference before its first step; rows its
+    ``dpo_steps`` x 8 never reach would only cost that forward pass.
+    """
+    source, subset = out / "data" / "pairs.jsonl", out / "data" / "dpo_pairs.jsonl"
+    lines = source.read_text().splitlines(keepends=True)
+    wanted = min(len(lines), s.dpo_steps * 8)
+    chosen = sorted(random.Random(s.seed).sample(range(len(lines)), wanted))
+    subset.write_text("".join(lines[i] for i in chosen))
+    return subset
 
 
 def run_method(

@@ -96,3 +96,21 @@ def test_demo_resume_keeps_finished_stages_and_refuses_other_settings(tiny_model
     with pytest.raises(InputError, match="--resume"):
         run(["demo", "--quick", *settings])  # an existing run is never replaced silently
     assert reward_weights.stat().st_mtime_ns == reward_mtime
+
+
+def test_dpo_trains_on_a_seeded_sample_of_as_many_pairs_as_it_visits(tmp_path):
+    from alignkit.demo import DemoSettings, _dpo_pairs
+
+    (tmp_path / "data").mkdir()
+    lines = [
+        json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(50)
+    ]
+    (tmp_path / "data" / "pairs.jsonl").write_text("".join(lines))
+    subset = _dpo_pairs(DemoSettings(dpo_steps=3, seed=1), tmp_path).read_text()
+    kept = subset.splitlines(keepends=True)
+    assert len(kept) == 24 and set(kept) <= set(lines)  # 3 steps x 8 pairs, all from the pairs
+    assert [lines.index(row) for row in kept] == sorted(lines.index(row) for row in kept)
+    assert _dpo_pairs(DemoSettings(dpo_steps=3, seed=1), tmp_path).read_text() == subset
+    assert _dpo_pairs(DemoSettings(dpo_steps=3, seed=2), tmp_path).read_text() != subset
+    everything = _dpo_pairs(DemoSettings(dpo_steps=20), tmp_path).read_text()
+    assert everything == "".join(lines)  # fewer pairs than 20 x 8: all of them
