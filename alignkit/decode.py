@@ -1,20 +1,19 @@
-"""One decode step of a Llama-family decoder, written out for the rollout loop.
+"""The prefill and decode step of a Llama-family decoder, written out for the rollout loop.
 
 :func:`alignkit.rollout.generate` calls the model once per new token. Through the
-Hugging Face forward that call does far more than the arithmetic: it rebuilds the
-4-D attention mask, copies the whole KV cache to repeat each key/value head for its
-query heads (grouped-query attention with a mask takes that path on CPU), and runs
-seven separate projections per layer. At batch 1 that overhead is most of a step.
+Hugging Face forward each call does much besides the arithmetic: it builds the 4-D
+attention mask, dispatches through some thirty module calls per layer, runs seven
+separate projections per layer and casts every activation around them. At batch 1
+that overhead is a large share of a step.
 
 :class:`FastDecoder` does the same arithmetic with less: q, k and v from one fused
-product and gate and up from another (weights concatenated once per ``generate``
-call, under bf16 packed once for oneDNN, as
-:func:`alignkit.rollout._prepacked_linears` does for the plain path), one rotary
-table per step shared by all layers, and attention over the cache in place, each
-key/value head's query heads stacked as the query length so nothing is repeated.
-It reads and writes the same preallocated cache as the plain path (prefill stays
-the HF forward). Logits agree with the HF forward to float rounding in fp32 and
-within bf16 tolerance under bf16 (``tests/test_decode.py``).
+product and gate and up from another (weights concatenated and, under bf16, packed
+once for oneDNN, as :func:`alignkit.rollout._prepacked_linears` does for the plain
+path), one rotary table per step shared by all layers, and attention over the
+preallocated cache in place, each key/value head's query heads stacked as its query
+length so no key or value is repeated. It runs the prefill too, into the same cache
+layout as the plain path. Logits agree with the HF forward to float rounding in fp32
+and within bf16 tolerance under bf16 (``tests/test_decode.py``).
 
 Only for the architectures whose decoder layer is exactly pre-norm RMSNorm ->
 rotary attention -> RMSNorm -> SwiGLU MLP with plain ``nn.Linear`` projections
@@ -102,13 +101,13 @@ def _supported(model: nn.Module, capacity: int) -> bool:
             block.mlp.gate_proj,
             block.mlp.up_proj,
             block.mlp.down_proj,
-        )  # fmt: skip
+        )
         for block in model.model.layers
     )
 
 
 class FastDecoder:
-    """The model's decode step (one token per row) from weights fused once."""
+    """The model's prefill and decode step, from weights fused (and packed) once."""
 
     def __init__(self, model: nn.Module, bf16: bool) -> None:
         config = model.config
@@ -117,7 +116,6 @@ class FastDecoder:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        self.bf16 = bf16
         self.embed = backbone.embed_tokens
         self.rotary = backbone.rotary_emb
         self.final_norm = backbone.norm.weight
@@ -177,8 +175,11 @@ class FastDecoder:
         return F.rms_norm(hidden.float(), (hidden.shape[-1],), weight.float(), self.eps)
 
     def _rotated(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """(query, key, value) of fused products (..., (heads + 2 kv_heads) x D), heads on
-        dim -2; rotary applied to query and key, whose rows ``cos``/``sin`` broadcast to."""
+        """(query, key, value), heads on dim -2, from fused products (..., (heads + 2 kv) x D).
+
+        The rotary embedding is applied to query and key; ``cos`` and ``sin`` broadcast
+        over their heads.
+        """
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         split = (heads + kv_heads) * head_dim
         rotated = qkv[..., :split].unflatten(-1, (heads + kv_heads, head_dim))
@@ -240,16 +241,12 @@ class FastDecoder:
         group = self.heads // kv_heads
         hidden = self.embed(tokens).float()  # (n, H) the residual stream stays fp32
         cos, sin = self.rotary(hidden, positions[:, None])  # (n, 1, D) each
-        column = attention_mask.shape[1] - 1
         mask = attention_mask.bool()[:, None, None, :]  # (n, 1, 1, L)
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             query, key, value = self._rotated(
                 layer.qkv(self._rms_norm(hidden, layer.input_norm)), cos, sin
             )  # (n, heads or kv_heads, D)
-            kv.key_buffer[:, :, column] = key
-            kv.value_buffer[:, :, column] = value
-            kv.length = column + 1
-            kv._refresh_views()
+            kv.append(key, value)  # at slot L - 1
             # each kv head's query heads as its query length: (n, kv_heads, group, D)
             query = query.reshape(n, kv_heads, group, head_dim).to(kv.keys.dtype)
             attended = F.scaled_dot_product_attention(query, kv.keys, kv.values, attn_mask=mask)

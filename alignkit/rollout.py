@@ -7,7 +7,10 @@ cache. Rows that reach EOS emit padding and are dropped from the batch (their ca
 rows with them) once enough of them have finished to pay for the copy. The cache is
 preallocated for the whole rollout (no ``torch.cat`` per step) and its views cover
 only the filled part, so attention never runs over empty slots. Under bf16 on CPU
-the linears run from weights packed once per call for oneDNN.
+the prefill and each decode step of a Llama-family decoder run through
+:class:`alignkit.decode.FastDecoder` (fused products from weights packed once for
+oneDNN, attention over the cache in place); other models run the HF forward, with
+their linears from weights packed once per call.
 
 :func:`score` recomputes the per-token log-probs of a :class:`Rollout` with
 :func:`alignkit.logprobs.token_logps`: the forward pass a policy-gradient update
@@ -139,6 +142,15 @@ class _PreallocatedLayer(DynamicLayer):
         self.length = end
         self._refresh_views()
         return self.keys, self.values
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write one token's key and value per row, (N, heads, D) each, at the next slot."""
+        if self.length >= self.capacity:
+            raise RuntimeError(f"KV cache overflow: {self.length + 1} > capacity {self.capacity}")
+        self.key_buffer[:, :, self.length] = key_states
+        self.value_buffer[:, :, self.length] = value_states
+        self.length += 1
+        self._refresh_views()
 
     def place(self, rows: torch.Tensor, piece: _PreallocatedLayer, batch: int, width: int) -> None:
         """Write ``piece``'s states (its rows prefilled apart) at ``rows``, ending at ``width``.
