@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from alignkit.config import doc
+from alignkit.config import check, doc
 from alignkit.errors import InputError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -184,8 +185,54 @@ def _check_causal_lm(path: str) -> None:
         )
 
 
-def load_policy(name: str, lora: LoraSettings | None = None) -> PreTrainedModel:
-    """A causal LM in fp32 (master weights; compute runs under bf16 autocast), dropout off.
+DEVICE_HELP = (
+    "where models and batches live: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), "
+    "cpu, cuda (= cuda:LOCAL_RANK) or cuda:N"
+)
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(spec: str, key: str = "device", source: str = "config") -> torch.device:
+    """The device a ``device=`` setting names, or an :class:`InputError` on ``key``.
+
+    ``auto`` is ``cuda:LOCAL_RANK`` (the rank's GPU under torchrun, GPU 0 otherwise) when
+    CUDA is available, else the CPU; ``cuda`` is ``cuda:LOCAL_RANK``; ``cuda:N`` is GPU N.
+    Asking for CUDA where there is none, or for a GPU the machine lacks, is refused.
+    """
+    text = str(spec).strip().lower()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    check(match is not None, key, f"expects {DEVICE_CHOICES}, got {spec!r}", source)
+    check(
+        torch.cuda.is_available(),
+        key,
+        f"is {spec!r} but CUDA is not available on this machine (use cpu or auto)",
+        source,
+    )
+    index = int(match.group(1)) if match.group(1) is not None else local_rank
+    count = torch.cuda.device_count()
+    check(index < count, key, f"asks for GPU {index}, but this machine has {count}", source)
+    return torch.device("cuda", index)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (the CPU for a model without any)."""
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def load_policy(
+    name: str, lora: LoraSettings | None = None, device: torch.device | str = "cpu"
+) -> PreTrainedModel:
+    """A causal LM in fp32 (master weights; compute runs under bf16 autocast), dropout off,
+    on ``device``.
 
     With ``lora.r > 0`` the base is frozen and wrapped in a PEFT LoRA model; the
     reference model is then the same object with the adapter disabled
@@ -195,13 +242,17 @@ def load_policy(name: str, lora: LoraSettings | None = None) -> PreTrainedModel:
     _check_causal_lm(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     _disable_dropout(model)
+    model.to(device)
     if lora is not None and lora.r > 0:
         model = apply_lora(model, lora, task_type="CAUSAL_LM")
     return model
 
 
-def load_reward_backbone(name: str, lora: LoraSettings | None = None) -> PreTrainedModel:
-    """A sequence classifier with one output: the LM's backbone plus a fresh linear head.
+def load_reward_backbone(
+    name: str, lora: LoraSettings | None = None, device: torch.device | str = "cpu"
+) -> PreTrainedModel:
+    """A sequence classifier with one output: the LM's backbone plus a fresh linear head,
+    on ``device``.
 
     Works from a causal LM directory (the LM head is dropped), an existing reward
     model, or any ``AutoModelForSequenceClassification`` backbone such as BERT.
@@ -213,6 +264,7 @@ def load_reward_backbone(name: str, lora: LoraSettings | None = None) -> PreTrai
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     _disable_dropout(model)
+    model.to(device)
     if lora is not None and lora.r > 0:
         model = apply_lora(model, lora, task_type="SEQ_CLS")
     return model
@@ -274,9 +326,13 @@ def _merged_copy(model: PreTrainedModel) -> PreTrainedModel:
     return copy.deepcopy(model).merge_and_unload()
 
 
-def bf16_supported() -> bool:
-    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX), or on CUDA."""
-    if torch.cuda.is_available():
+def bf16_supported(device: torch.device | str | None = None) -> bool:
+    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX), or on CUDA.
+
+    ``device`` asks about that device (a run with ``device=cpu`` on a GPU machine asks
+    the CPU); None asks the GPU when there is one, else the CPU."""
+    kind = torch.device(device).type if device is not None else None
+    if kind == "cuda" or (kind is None and torch.cuda.is_available()):
         return torch.cuda.is_bf16_supported()
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -291,7 +347,7 @@ def autocast(
     """bf16 autocast where the hardware has it (decided once per call site)."""
     device_type = torch.device(device).type
     if enabled is None:
-        enabled = bf16_supported()
+        enabled = bf16_supported(device_type)
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
@@ -311,7 +367,7 @@ def bf16_compute(model: torch.nn.Module, enabled: bool | None = None) -> Iterato
     ``enabled`` None = where :func:`bf16_supported`; False = a no-op.
     """
     if enabled is None:
-        enabled = bf16_supported()
+        enabled = bf16_supported(model_device(model))
     if not enabled:
         yield
         return

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from alignkit.logprobs import sequence_logps
-from alignkit.models import autocast, bf16_compute, cache_root, resolve_model
+from alignkit.models import autocast, bf16_compute, cache_root, model_device, resolve_model
 
 
 def model_fingerprint(name: str) -> str:
@@ -84,9 +84,13 @@ def score_sequences(
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 attention_mask[row, : len(ids)] = 1
                 completion_mask[row, len(prompt_ids) : len(ids)] = 1
-            with autocast(enabled=bf16):
+            device = model_device(model)
+            input_ids, attention_mask, completion_mask = (
+                t.to(device) for t in (input_ids, attention_mask, completion_mask)
+            )
+            with autocast(device, enabled=bf16):
                 sums, _ = sequence_logps(model, input_ids, attention_mask, completion_mask)
-            out[chunk] = sums.float()
+            out[chunk] = sums.float().cpu()
     model.train(was_training)
     return out
 
@@ -112,7 +116,7 @@ def cached_reference_logps(
     ).hexdigest()[:32]
     path = cache_root() / "reference_logps" / f"{key}.pt"
     if path.is_file():
-        cached = torch.load(path)
+        cached = torch.load(path, map_location="cpu")
         if cached.shape == (len(sequences),):
             return cached, True
     values = compute()

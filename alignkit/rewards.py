@@ -66,9 +66,13 @@ def _as_rewards(values: object, count: int, name: str) -> torch.Tensor:
 
 
 def _load_classifier(
-    path: Path, source: str, tokenizer: PreTrainedTokenizerBase | None
+    path: Path,
+    source: str,
+    tokenizer: PreTrainedTokenizerBase | None,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Model in eval mode and its tokenizer (``tokenizer`` when the directory has none)."""
+    """Model in eval mode on ``device`` and its tokenizer (``tokenizer`` when the
+    directory has none)."""
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -87,7 +91,7 @@ def _load_classifier(
             raise _bad_spec(f"cannot load a tokenizer from {path} ({message})", source) from None
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 def _right_padded(ids_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +135,9 @@ class RewardModel:
         max_length: int = 1024,
         bf16: bool | None = None,
         source: str = "config",
+        device: torch.device | str = "cpu",
     ) -> None:
-        self.model, self.tokenizer = _load_classifier(Path(path), source, tokenizer)
+        self.model, self.tokenizer = _load_classifier(Path(path), source, tokenizer, device)
         if self.model.config.num_labels != 1:
             raise _bad_spec(
                 f"{path} has {self.model.config.num_labels} outputs; a reward model has 1 "
@@ -175,8 +180,9 @@ class ClassifierReward:
         max_length: int = 512,
         bf16: bool | None = None,
         source: str = "config",
+        device: torch.device | str = "cpu",
     ) -> None:
-        self.model, self.tokenizer = _load_classifier(Path(path), source, tokenizer)
+        self.model, self.tokenizer = _load_classifier(Path(path), source, tokenizer, device)
         id2label = {int(i): str(name) for i, name in self.model.config.id2label.items()}
         by_name = {name.lower(): i for i, name in id2label.items()}
         if label.lower() in by_name:
@@ -305,7 +311,8 @@ def build_reward(
 
     ``tokenizer`` (the policy's) serves a model directory saved without a tokenizer;
     a directory with its own tokenizer always uses that one. ``kwargs``
-    (``batch_size``, ``max_length``, ``bf16``) go to model-backed sources.
+    (``batch_size``, ``max_length``, ``bf16``, ``device``) go to model-backed sources,
+    which compute on ``device`` and return CPU tensors like every other source.
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:

@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tie-tolerance", type=float, default=0.0, help="score gap counted as a tie"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the models run: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), "
+        "cpu, cuda, cuda:N",
+    )
     parser.add_argument("--output", default="eval.json", help="output JSON path")
 
 
@@ -144,8 +150,8 @@ def _check_model_dir(path: str, field: str) -> None:
         raise InputError("not a model directory (no config.json)", path=path, field=field)
 
 
-def parse_judge(spec: str | None) -> Any:
-    """``local:DIR`` or ``openai:URL,MODEL`` -> a judge (None when not given)."""
+def parse_judge(spec: str | None, device: Any = "cpu") -> Any:
+    """``local:DIR`` (on ``device``) or ``openai:URL,MODEL`` -> a judge (None when not given)."""
     if not spec:
         return None
     from alignkit.eval.judge_cli import make_judge
@@ -153,7 +159,7 @@ def parse_judge(spec: str | None) -> Any:
     kind, _, rest = spec.partition(":")
     if kind == "local" and rest:
         _check_model_dir(rest, "--judge")
-        return make_judge(judge_model=rest)
+        return make_judge(judge_model=rest, device=device)
     if kind == "openai" and "," in rest:
         url, _, model = rest.rpartition(",")
         return make_judge(openai_base_url=url, openai_model=model)
@@ -257,9 +263,11 @@ def print_table(result: dict[str, Any], title: str = "evaluation") -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the evaluation; write the JSON and print the table."""
     from alignkit.eval.evaluate import JUDGE_PRINCIPLES, EvalSettings, Evaluator, json_ready
+    from alignkit.models import resolve_device
     from alignkit.training.common import set_threads
 
     # 0. validate every input before loading a model
+    device = resolve_device(args.device, key="--device", source="command line")
     policies = parse_policies(args.policy, allow_empty=bool(args.completions))
     given = parse_completions(args.completions, set(policies))
     _check_model_dir(args.reference, "--reference")
@@ -273,6 +281,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         bootstrap_resamples=args.bootstrap,
         tie_tolerance=args.tie_tolerance,
+        device=str(device),
     )
     settings.validate()
     task = _load_task(args)
@@ -286,8 +295,8 @@ def main(args: argparse.Namespace) -> int:
     set_threads()
     from alignkit.rewards import build_reward
 
-    reward_fn = build_reward(args.reward, source="--reward") if args.reward else None
-    judge = parse_judge(args.judge)
+    reward_fn = build_reward(args.reward, source="--reward", device=device) if args.reward else None
+    judge = parse_judge(args.judge, device)
     principle = args.judge_principle or JUDGE_PRINCIPLES.get(task.name)
     # 1. sample the reference once, then each policy; 2. compare
     evaluator = Evaluator(

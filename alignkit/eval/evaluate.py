@@ -53,6 +53,7 @@ class EvalSettings:
     bootstrap_resamples: int = stats.DEFAULT_RESAMPLES
     tie_tolerance: float = 0.0
     bf16: bool | None = None  # None = where the CPU has it
+    device: str = "auto"  # where the policies run (alignkit.models.resolve_device)
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first bad setting."""
@@ -70,6 +71,9 @@ class EvalSettings:
         for name, ok, message in checks:
             if not ok:
                 raise InputError(f"{message}, got {getattr(self, name)}", field=name)
+        from alignkit.models import resolve_device
+
+        resolve_device(self.device)
 
     def sampling(self, seed: int) -> SamplingParams:
         return SamplingParams(
@@ -98,7 +102,7 @@ class PolicySamples:
 
 def _rows_per_prompt(rollouts: list[Rollout], k: int) -> tuple[list[str], np.ndarray]:
     completions = [c for r in rollouts for c in r.completions]
-    lengths = torch.cat([r.completion_lengths for r in rollouts]).numpy().astype(float)
+    lengths = torch.cat([r.completion_lengths for r in rollouts]).cpu().numpy().astype(float)
     if len(completions) % k:
         raise RuntimeError("rollouts do not hold k samples per prompt")
     return completions, lengths
@@ -136,7 +140,12 @@ class Evaluator:
         self.judge, self.judge_principle = judge, judge_principle
         self.reference_path = reference
         self.tokenizer = load_tokenizer(reference, padding_side="left")
-        self.reference_model = load_policy(reference).eval().requires_grad_(False)
+        from alignkit.models import resolve_device
+
+        self.device = resolve_device(self.settings.device)
+        self.reference_model = (
+            load_policy(reference, device=self.device).eval().requires_grad_(False)
+        )
         self._reference: PolicySamples | None = None
 
     # --- sampling and scoring ---
@@ -221,7 +230,7 @@ class Evaluator:
         tokenizer = load_tokenizer(path, padding_side="left")
         if tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise InputError("has a different tokenizer than the reference", path=path)
-        model = load_policy(path).eval().requires_grad_(False)
+        model = load_policy(path, device=self.device).eval().requires_grad_(False)
         try:
             return self._samples_of(name, path, model, tokenizer, seed=self.settings.seed + 1)
         finally:

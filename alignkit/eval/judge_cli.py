@@ -19,6 +19,10 @@ MT_BENCH_PRINCIPLE = (
 )
 LATER_TURN_FOCUS = " Judge the answers to the user's last question."
 DEFAULT_ANNOTATOR = "ai-judge"
+_DEVICE_HELP = (
+    "local models' device: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), "
+    "cpu, cuda, cuda:N"
+)
 
 
 def _add_judge_options(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +34,7 @@ def _add_judge_options(parser: argparse.ArgumentParser) -> None:
         "--openai-api-key-env", default="OPENAI_API_KEY", help="variable holding the API key"
     )
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", default="auto", help=_DEVICE_HELP)
 
 
 def _add_mt_bench_options(parser: argparse.ArgumentParser) -> None:
@@ -75,8 +80,10 @@ def make_judge(
     openai_base_url: str | None = None,
     openai_model: str | None = None,
     api_key_env: str = "OPENAI_API_KEY",
+    device: Any = "cpu",
 ) -> Any:
-    """A :class:`LocalJudge` or an :class:`OpenAIJudge`; exactly one kind must be given."""
+    """A :class:`LocalJudge` (on ``device``) or an :class:`OpenAIJudge`; exactly one kind
+    must be given."""
     from alignkit.feedback.judge import LocalJudge, OpenAIJudge
 
     if judge_model and (openai_base_url or openai_model):
@@ -85,7 +92,7 @@ def make_judge(
         path = Path(judge_model)
         if not (path / "config.json").is_file():
             raise InputError("not a model directory (no config.json)", path=judge_model)
-        return LocalJudge(judge_model)
+        return LocalJudge(judge_model, device=device)
     if openai_base_url and openai_model:
         api_key = os.environ.get(api_key_env, "none")
         return OpenAIJudge(openai_base_url, openai_model, api_key=api_key)
@@ -94,21 +101,38 @@ def make_judge(
     )
 
 
+def _device(args: argparse.Namespace) -> Any:
+    """The local models' device (``--device``)."""
+    from alignkit.models import resolve_device
+
+    return resolve_device(getattr(args, "device", "auto"), key="--device", source="command line")
+
+
 def _judge_from(args: argparse.Namespace) -> Any:
     return make_judge(
-        args.judge_model, args.openai_base_url, args.openai_model, args.openai_api_key_env
+        args.judge_model,
+        args.openai_base_url,
+        args.openai_model,
+        args.openai_api_key_env,
+        device=_device(args),
     )
 
 
 def _answers(
-    questions: list, turns: int, answers: str | None, model: str | None, side: str, tokens: int
+    questions: list,
+    turns: int,
+    answers: str | None,
+    model: str | None,
+    side: str,
+    tokens: int,
+    device: Any = "cpu",
 ) -> list[list[str]]:
     from alignkit.eval.mt_bench import generate_answers, read_answers
 
     _check_answer_source(answers, model, side)
     if answers:
         return read_answers(answers, questions, turns)
-    return generate_answers(model, questions, turns, max_new_tokens=tokens)
+    return generate_answers(model, questions, turns, max_new_tokens=tokens, device=device)
 
 
 def _check_answer_source(answers: str | None, model: str | None, side: str) -> None:
@@ -152,11 +176,12 @@ def _cmd_pairwise(args: argparse.Namespace) -> int:
     _check_answer_source(args.answers_b, args.model_b, "--answers-b")
     judge = _judge_from(args)
     n_tokens = args.max_new_tokens
+    device = _device(args)
     answers_a = _answers(
-        questions, args.turns, args.answers_a, args.model_a, "--answers-a", n_tokens
+        questions, args.turns, args.answers_a, args.model_a, "--answers-a", n_tokens, device
     )
     answers_b = _answers(
-        questions, args.turns, args.answers_b, args.model_b, "--answers-b", n_tokens
+        questions, args.turns, args.answers_b, args.model_b, "--answers-b", n_tokens, device
     )
     # 1. one question per (question, turn): the chat so far and the two answers
     asked, chats, references = [], [], []
@@ -243,7 +268,13 @@ def _cmd_grade(args: argparse.Namespace) -> int:
     _check_answer_source(args.answers, args.model, "--answers")
     judge = _judge_from(args)
     answers = _answers(
-        questions, args.turns, args.answers, args.model, "--answers", args.max_new_tokens
+        questions,
+        args.turns,
+        args.answers,
+        args.model,
+        "--answers",
+        args.max_new_tokens,
+        _device(args),
     )
     asked, prompts = [], []
     for q, mine in zip(questions, answers, strict=True):
@@ -387,4 +418,5 @@ COMMANDS = {"pairwise": _cmd_pairwise, "grade": _cmd_grade, "label": _cmd_label}
 
 def main(args: argparse.Namespace) -> int:
     """Run one ``alignkit judge`` subcommand."""
+    _device(args)  # a bad --device is refused before any input is read or file written
     return COMMANDS[args.judge_command](args)

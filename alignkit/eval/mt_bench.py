@@ -173,14 +173,16 @@ def generate_answers(
     turns: int,
     max_new_tokens: int = 256,
     batch_size: int = 8,
+    device: Any = "cpu",
 ) -> list[list[str]]:
-    """Greedy answers of a local model to every turn (turn 2 sees its own turn-1 answer)."""
+    """Greedy answers of a local model (on ``device``) to every turn (turn 2 sees its own
+    turn-1 answer)."""
     from alignkit.models import load_policy, load_tokenizer
     from alignkit.recipes.online import encode_prompts
     from alignkit.rollout import SamplingParams, generate
 
     tokenizer = load_tokenizer(model_dir, padding_side="left")
-    model = load_policy(model_dir).eval().requires_grad_(False)
+    model = load_policy(model_dir, device=device).eval().requires_grad_(False)
     limit = getattr(model.config, "max_position_embeddings", 2048) - max_new_tokens
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     answers: list[list[str]] = [[] for _ in questions]

@@ -211,11 +211,13 @@ class LocalJudge:
         model_dir: str,
         name: str | None = None,
         max_prompt_tokens: int | None = None,
+        device: Any = "cpu",
     ) -> None:
         from alignkit.models import load_policy, load_tokenizer
 
         self.tokenizer = load_tokenizer(model_dir, padding_side="left")
-        self.model = load_policy(model_dir).eval()
+        self.model = load_policy(model_dir, device=device).eval()
+        self.device = device
         self.name = name or f"local:{Path(model_dir).name}"
         limit = getattr(self.model.config, "max_position_embeddings", 2048)
         self.max_prompt_tokens = max_prompt_tokens or limit - 16
@@ -239,7 +241,7 @@ class LocalJudge:
         from alignkit.models import autocast
 
         option_ids = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(self.device):
             scores = np.array(
                 [
                     self._continuation_logps(self._prefix_ids(p, answer_start), option_ids)
@@ -254,8 +256,11 @@ class LocalJudge:
         one token its KV cache is repeated over the options."""
         import torch
 
-        out = self.model(input_ids=torch.tensor([prefix]), use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        device = self.device
+        out = self.model(
+            input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1
+        )
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
         totals = np.array([float(first[ids[0]]) for ids in option_ids])
         longest = max(len(ids) for ids in option_ids)
         if longest == 1:
@@ -272,13 +277,19 @@ class LocalJudge:
         )
         n = len(prefix)
         positions = torch.arange(n, n + longest - 1).expand(len(option_ids), -1)
-        logits = self.model(
-            input_ids=feed,
-            attention_mask=torch.ones(len(option_ids), n + longest - 1, dtype=torch.long),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        ).logits.float()
+        logits = (
+            self.model(
+                input_ids=feed.to(device),
+                attention_mask=torch.ones(
+                    len(option_ids), n + longest - 1, dtype=torch.long, device=device
+                ),
+                position_ids=positions.to(device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            .logits.float()
+            .cpu()
+        )
         logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
         return totals + (logps * scored).sum(-1).numpy()
 

@@ -22,7 +22,14 @@ from transformers import PreTrainedTokenizerBase
 from alignkit.config import check, doc, save_config
 from alignkit.data.examples import Prompt
 from alignkit.errors import InputError
-from alignkit.models import EMBEDDED_MODEL, bf16_supported, load_policy, load_tokenizer
+from alignkit.models import (
+    DEVICE_HELP,
+    EMBEDDED_MODEL,
+    bf16_supported,
+    load_policy,
+    load_tokenizer,
+    resolve_device,
+)
 from alignkit.recipes.offline import console
 from alignkit.recipes.online import (
     RewardFn,
@@ -62,8 +69,10 @@ class Config:
     bf16: Literal["auto", "true", "false"] = doc(
         "bf16 autocast: auto = where the CPU/GPU has it", "auto"
     )
+    device: str = doc(DEVICE_HELP, "auto")
 
     def validate(self) -> None:
+        resolve_device(self.device)
         check(bool(self.task or self.data), "data", "give a prompts file or a task")
         check(bool(self.reward.strip()), "reward", "is required")
         check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
@@ -82,7 +91,9 @@ class Config:
         )
 
     def use_bf16(self) -> bool:
-        return self.bf16 == "true" or (self.bf16 == "auto" and bf16_supported())
+        return self.bf16 == "true" or (
+            self.bf16 == "auto" and bf16_supported(resolve_device(self.device))
+        )
 
 
 def kl_upper_bound(n: int) -> float:
@@ -146,11 +157,13 @@ def sample_and_score(
         model, tokenizer, prompt_ids, params, num_samples=n, bf16=bf16, first_row=first_row
     )
     # 2. score, each completion with its own prompt
+    # (the reward gets strings; its scores come back on the rollout's device)
     row_prompts = [prompts[int(i)] for i in rollout.prompt_index]
-    scores = call_reward(reward_fn, row_prompts, rollout.completions, reward_name)
+    device = rollout.input_ids.device
+    scores = call_reward(reward_fn, row_prompts, rollout.completions, reward_name, device)
     gold = None
     if gold_fn is not None:
-        gold = call_reward(gold_fn, row_prompts, rollout.completions, "gold")
+        gold = call_reward(gold_fn, row_prompts, rollout.completions, "gold", device)
     return ScoredSamples(rollout, row_prompts, scores, gold)
 
 
@@ -214,7 +227,7 @@ def best_of_n(
             reward_name=reward_name,
         )
         rollout = scored.rollout
-        rewards.append(scored.scores.view(len(chunk), n))
+        rewards.append(scored.scores.cpu().view(len(chunk), n))
         finished.append(rollout.finished.cpu().view(len(chunk), n))
         samples.extend(rollout.completions[i * n : (i + 1) * n] for i in range(len(chunk)))
     all_rewards = torch.cat(rewards)
@@ -259,10 +272,11 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         prompts = prompts[: config.max_prompts]
     from alignkit.rewards import build_reward
 
-    reward_fn = build_reward(config.reward)
+    device = resolve_device(config.device)
+    reward_fn = build_reward(config.reward, device=device)
     gold_fn = task_gold(config.task)
     check_output_dir(config.output_dir, overwrite, resume=False)
-    model = load_policy(config.model)
+    model = load_policy(config.model, device=device)
     model.requires_grad_(False)
     output_dir = prepare_output_dir(config.output_dir, overwrite, resume=False)
 

@@ -105,7 +105,7 @@ class PartitionEstimates:
             )
             self.log_partition[key], self.samples_seen[key] = log_z, seen
             out.append(log_z)
-        return torch.tensor(out, dtype=torch.float32)
+        return torch.tensor(out, dtype=torch.float32, device=target_logps.device)
 
     def state_dict(self) -> dict[str, dict[int, float] | dict[int, int]]:
         return {"log_partition": dict(self.log_partition), "samples_seen": dict(self.samples_seen)}

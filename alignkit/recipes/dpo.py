@@ -109,7 +109,7 @@ def make_kto_loss(reference_scorer, hyper: dict[str, float]):
 def _reference_scorer(config: Config, model: torch.nn.Module):
     """A function (no grad) scoring a batch under the reference, and a way to free it."""
     if config.reference or not is_lora(model):
-        reference = load_policy(config.reference or config.model)
+        reference = load_policy(config.reference or config.model, device=config.torch_device())
         reference.eval()
         return lambda batch: _completion_sums(reference, batch)[0]
 
@@ -132,7 +132,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         load_unpaired if unpaired else load_preferences,
         tokenize_unpaired if unpaired else tokenize_pairs,
     )
-    model = load_policy(config.model, config.lora)
+    model = load_policy(config.model, config.lora, config.torch_device())
     hyper = {
         "beta": config.beta,
         "label_smoothing": config.label_smoothing,
@@ -171,7 +171,9 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
 
             def compute() -> torch.Tensor:
                 if config.reference or not is_lora(model):
-                    reference = load_policy(config.reference or config.model)
+                    reference = load_policy(
+                        config.reference or config.model, device=config.torch_device()
+                    )
                     return score_sequences(
                         reference, sequences, pad, 2 * config.batch_size, config.use_bf16()
                     )

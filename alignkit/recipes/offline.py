@@ -125,7 +125,7 @@ def fit(
     from alignkit.training.loop import BatchPlan, evaluate_batches, train_loop
     from alignkit.training.optim import build_optimizer
 
-    job = setup(config.distributed, config.batch_size)
+    job = setup(config.distributed, config.batch_size, device=config.torch_device())
     if job.sharded:
         from alignkit.errors import InputError
         from alignkit.models import is_lora

@@ -27,12 +27,15 @@ from alignkit.config import check, doc
 from alignkit.data.examples import Prompt
 from alignkit.errors import InputError
 from alignkit.models import (
+    DEVICE_HELP,
     EMBEDDED_MODEL,
     LoraSettings,
     bf16_supported,
     is_lora,
     load_policy,
+    model_device,
     reference_mode,
+    resolve_device,
 )
 from alignkit.rollout import Rollout, SamplingParams, generate, score
 
@@ -85,9 +88,11 @@ class OnlineConfig:
         "gloo on CPU, NCCL on GPU; every row samples from its own seed",
         "none",
     )
+    device: str = doc(DEVICE_HELP, "auto")
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings"})
 
     def validate(self) -> None:
+        resolve_device(self.device)
         check(bool(self.task or self.data), "data", "give a prompts file or a task")
         check(bool(self.reward.strip()), "reward", "is required")
         check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
@@ -108,7 +113,11 @@ class OnlineConfig:
         check(self.lora.r >= 0, "lora.r", "must be >= 0")
 
     def use_bf16(self) -> bool:
-        return self.bf16 == "true" or (self.bf16 == "auto" and bf16_supported())
+        return self.bf16 == "true" or (self.bf16 == "auto" and bf16_supported(self.torch_device()))
+
+    def torch_device(self) -> torch.device:
+        """The device ``device`` names (see :func:`alignkit.models.resolve_device`)."""
+        return resolve_device(self.device)
 
     def sampling(self, step: int) -> SamplingParams:
         """Sampling settings of step ``step`` (its seed from :func:`rollout_seed`)."""
@@ -227,7 +236,7 @@ class ReferencePolicy:
         self.policy = policy
         self.model: torch.nn.Module | None = None
         if reference or not is_lora(policy):
-            self.model = load_policy(reference or model_name)
+            self.model = load_policy(reference or model_name, device=model_device(policy))
             self.model.eval()
             self.model.requires_grad_(False)
 
@@ -248,15 +257,21 @@ class ReferencePolicy:
 
 
 def call_reward(
-    fn: RewardFn, prompts: list[Prompt], completions: list[str], what: str
+    fn: RewardFn,
+    prompts: list[Prompt],
+    completions: list[str],
+    what: str,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """``fn(prompts, completions)`` as an fp32 (N,) tensor; a wrong shape is an input error."""
+    """``fn(prompts, completions)`` as an fp32 (N,) tensor on ``device`` (the rollout's);
+    a wrong shape is an input error. ``fn`` gets Python strings and may compute anywhere
+    (a task's judge on the CPU, a reward model on its own device)."""
     scores = torch.as_tensor(fn(prompts, completions), dtype=torch.float32).reshape(-1).cpu()
     if scores.shape[0] != len(completions):
         raise InputError(
             f"returned {scores.shape[0]} scores for {len(completions)} completions", path=what
         )
-    return scores
+    return scores.to(device)
 
 
 # ---------------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     )
 
     def compute_loss(model: torch.nn.Module, pair_batch: dict[str, torch.Tensor]) -> tuple:
-        with autocast(enabled=bf16):
+        with autocast(pair_batch["input_ids"].device, enabled=bf16):
             return pairwise_loss(model, pair_batch)
 
     for step in range(session.start_step + 1, config.max_steps + 1):

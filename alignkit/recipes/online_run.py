@@ -67,7 +67,9 @@ def load_run_inputs(config: OnlineConfig) -> RunInputs:
     train_prompts, eval_prompts = load_prompts(config.task, config.data)
     eval_prompts = eval_prompts[: config.eval_prompts]
     specs = [part.strip() for part in config.reward.split(",") if part.strip()]
-    reward_fn = build_reward(specs, tokenizer=tokenizer, source="config")
+    reward_fn = build_reward(
+        specs, tokenizer=tokenizer, source="config", device=config.torch_device()
+    )
     return RunInputs(
         tokenizer=tokenizer,
         train_prompts=train_prompts,
@@ -169,7 +171,8 @@ class OnlineRun:
         set_threads()
         # 0. every input is validated before any compute or any file is touched
         inputs = load_run_inputs(config)
-        job = setup(config.distributed, config.prompts_per_step, "prompts_per_step")
+        device = config.torch_device()
+        job = setup(config.distributed, config.prompts_per_step, "prompts_per_step", device)
         if check_job is not None:
             check_job(job)
         if job.sharded and config.lora.r > 0:
@@ -181,9 +184,9 @@ class OnlineRun:
         check_output_dir(config.output_dir, overwrite, resume)
         job.barrier()  # every rank has checked before rank 0 creates or replaces it
         seed_everything(config.seed)
-        policy = load_policy(config.model, config.lora)
+        policy = load_policy(config.model, config.lora, device)
         reference = ReferencePolicy(policy, config.model, config.reference)
-        trainable = build_trainable(policy)
+        trainable = build_trainable(policy).to(device)  # a fresh value head or critic too
         trainable.train()
         plain, runner = trainable, None
         if job.sharded:

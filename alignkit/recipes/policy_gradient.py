@@ -208,11 +208,13 @@ def collect_experience(
         policy, tokenizer, prompt_ids, params, num_samples=num_samples, bf16=bf16,
         first_row=first_row,
     )  # fmt: skip
+    # (the reward gets strings; its scores come back on the rollout's device)
     row_prompts = [prompts[int(i)] for i in rollout.prompt_index]
-    scores = call_reward(reward_fn, row_prompts, rollout.completions, reward_name)
+    device = rollout.input_ids.device
+    scores = call_reward(reward_fn, row_prompts, rollout.completions, reward_name, device)
     gold = None
     if gold_fn is not None:
-        gold = call_reward(gold_fn, row_prompts, rollout.completions, "gold")
+        gold = call_reward(gold_fn, row_prompts, rollout.completions, "gold", device)
     old = forward_pass(
         policy,
         rollout.input_ids,

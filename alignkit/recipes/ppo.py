@@ -139,7 +139,7 @@ def build_critic(kind: str, policy: nn.Module, reward: str, model_name: str) -> 
 def save_critic(critic: nn.Module, tokenizer: Any, output_dir: Path) -> None:
     """``value_head.safetensors`` or a ``critic/`` sequence-classification directory."""
     if isinstance(critic, ValueHead):
-        state = {k: v.detach().contiguous() for k, v in critic.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in critic.state_dict().items()}
         save_file(state, str(output_dir / "value_head.safetensors"))
     else:
         critic.model.save_pretrained(output_dir / "critic")

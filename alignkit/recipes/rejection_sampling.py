@@ -90,7 +90,7 @@ def sft_batches(
 
 def autocast_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> tuple:
     """The SFT loss of ``batch`` (and its metrics) under bf16 autocast when asked."""
-    with autocast(enabled=bf16):
+    with autocast(batch["input_ids"].device, enabled=bf16):
         return sft_loss(model, batch)
 
 

@@ -93,7 +93,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     tokenizer = load_tokenizer(config.model)
     rows, train_ids, eval_ids = load_rows(config, tokenizer, load_preferences, tokenize_pairs)
     # 1. model: backbone + fresh linear head to one score
-    model = load_reward_backbone(config.model, config.lora)
+    model = load_reward_backbone(config.model, config.lora, config.torch_device())
 
     def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
         return collate_pairs([rows[i] for i in indices], tokenizer.pad_token_id)

@@ -15,7 +15,7 @@ from alignkit.data.formats import read_rows
 from alignkit.data.tokenize import encode_prompt
 from alignkit.data.validation import prompt_value, require
 from alignkit.errors import InputError
-from alignkit.models import EMBEDDED_MODEL, load_policy, load_tokenizer
+from alignkit.models import DEVICE_HELP, EMBEDDED_MODEL, load_policy, load_tokenizer, resolve_device
 from alignkit.rewards import ENSEMBLE_MODES, build_reward
 from alignkit.rollout import SamplingParams, generate
 from alignkit.tasks import DEFAULT_TASK, Prompt, get_task
@@ -40,8 +40,10 @@ class Config:
     reward: list[str] = doc("score with: reward model DIR, module:function, task:NAME, a list", [])
     ensemble: str = doc("how a list of rewards combines: mean, min, mean_minus_std", "mean")
     output: str = doc("output JSONL file", "samples.jsonl")
+    device: str = doc(DEVICE_HELP, "auto")
 
     def validate(self) -> None:
+        resolve_device(self.device)
         check(self.k >= 1, "k", f"must be at least 1, got {self.k}")
         check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         check(self.limit >= 0, "limit", f"must be >= 0, got {self.limit}")
@@ -97,10 +99,13 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         raise InputError("no prompts to sample", path="config", field="limit")
     tokenizer = load_tokenizer(config.model)
     prompt_ids = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+    device = resolve_device(config.device)
     reward = (
-        build_reward(config.reward, tokenizer, ensemble=config.ensemble) if config.reward else None
+        build_reward(config.reward, tokenizer, ensemble=config.ensemble, device=device)
+        if config.reward
+        else None
     )
-    model = load_policy(config.model).requires_grad_(False)  # sampling only: the decoder is kept
+    model = load_policy(config.model, device=device).requires_grad_(False)  # sampling only
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     # resume keeps whole batches only, so the rest is sampled with the same seeds

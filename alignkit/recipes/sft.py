@@ -45,7 +45,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     tokenizer = load_tokenizer(config.model)
     fmt = None if config.data_format == "auto" else config.data_format
     rows, train_ids, eval_ids = load_rows(config, tokenizer, load_sft, tokenize_sft, format=fmt)
-    model = load_policy(config.model, config.lora)
+    model = load_policy(config.model, config.lora, config.torch_device())
 
     def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
         return collate_sft([rows[i] for i in indices], tokenizer.pad_token_id)

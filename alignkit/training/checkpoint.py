@@ -69,20 +69,25 @@ def save_checkpoint(
 
     ``weights`` and ``optimizer_state`` replace what is read from ``model`` and
     ``optimizer`` (FSDP2 gathers them from the shards first)."""
+    from alignkit.training.distributed import to_device
+
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
+    # CPU copies of GPU tensors (CPU tensors as they are), so a CPU-only machine loads it
     save_file(
-        weights if weights is not None else trainable_state(model),
+        to_device(weights if weights is not None else trainable_state(model), "cpu"),
         str(staging / "model.safetensors"),
     )
     torch.save(
         {
-            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+            "optimizer": to_device(
+                optimizer_state if optimizer_state is not None else optimizer.state_dict(), "cpu"
+            ),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
-            "extra": extra or {},
+            "extra": to_device(extra or {}, "cpu"),
         },
         staging / "state.pt",
     )
@@ -126,7 +131,7 @@ def read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str,
     """(step, weights, state) of a checkpoint; a damaged one is an :class:`InputError`."""
     try:
         weights = load_file(str(path / "model.safetensors"))
-        state = torch.load(path / "state.pt", weights_only=False)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
         step = json.loads((path / "meta.json").read_text())["step"]
     except Exception as err:  # any corruption is the user's file, not our bug
         raise InputError(

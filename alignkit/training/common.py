@@ -13,7 +13,7 @@ import torch
 
 from alignkit.config import check, doc
 from alignkit.errors import InputError
-from alignkit.models import EMBEDDED_MODEL, LoraSettings
+from alignkit.models import DEVICE_HELP, EMBEDDED_MODEL, LoraSettings, resolve_device
 
 
 @dataclass
@@ -53,9 +53,11 @@ class TrainConfig:
         "data parallelism under torchrun: ddp, or fsdp (FSDP2 sharding); gloo on CPU, NCCL on GPU",
         "none",
     )
+    device: str = doc(DEVICE_HELP, "auto")
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings"})
 
     def validate(self) -> None:
+        resolve_device(self.device)
         check(bool(self.data), "data", "is required (a JSONL/JSON/Parquet file or a dataset id)")
         check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
         check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
@@ -76,7 +78,11 @@ class TrainConfig:
     def use_bf16(self) -> bool:
         from alignkit.models import bf16_supported
 
-        return self.bf16 == "true" or (self.bf16 == "auto" and bf16_supported())
+        return self.bf16 == "true" or (self.bf16 == "auto" and bf16_supported(self.torch_device()))
+
+    def torch_device(self) -> torch.device:
+        """The device ``device`` names (see :func:`alignkit.models.resolve_device`)."""
+        return resolve_device(self.device)
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resume: bool) -> None:

@@ -51,6 +51,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     mode: str = "none"  # none | ddp | fsdp
+    device: torch.device = torch.device("cpu")  # this rank's models, batches, collectives
 
     @property
     def sharded(self) -> bool:
@@ -90,8 +91,8 @@ class Distributed:
         if not self.enabled:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, _moved(obj, torch.device("cpu")))
-        return [_moved(part, _device()) for part in out]
+        dist.all_gather_object(out, to_device(obj, torch.device("cpu")))
+        return [to_device(part, self.device) for part in out]
 
     def weighted_sum(
         self, values: dict[str, float], weights: dict[str, float] | float
@@ -106,7 +107,7 @@ class Distributed:
         keys = sorted(values)
         share = [weights if isinstance(weights, float) else weights[k] for k in keys]
         scaled = [values[k] * w for k, w in zip(keys, share, strict=True)]
-        packed = torch.tensor(scaled, dtype=torch.float64, device=_device())
+        packed = torch.tensor(scaled, dtype=torch.float64, device=self.device)
         dist.all_reduce(packed)
         summed = {k: float(v) for k, v in zip(keys, packed, strict=True)}
         return {k: summed[k] for k in values}
@@ -116,14 +117,14 @@ class Distributed:
         turns the ranks' average of per-rank token means into the global token mean."""
         if not self.enabled:
             return 1.0
-        packed = torch.tensor([tokens], dtype=torch.float64, device=_device())
+        packed = torch.tensor([tokens], dtype=torch.float64, device=self.device)
         dist.all_reduce(packed)
         return tokens * self.world_size / max(float(packed), 1.0)
 
     def max(self, value: float) -> float:
         if not self.enabled:
             return value
-        packed = torch.tensor([value], dtype=torch.float64, device=_device())
+        packed = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(packed, op=dist.ReduceOp.MAX)
         return float(packed)
 
@@ -154,8 +155,8 @@ class Distributed:
         if not self.enabled:
             return module
         if self.sharded:
-            return _fully_shard(module)
-        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+            return _fully_shard(module, self.device)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
     def no_sync(self, module: nn.Module) -> contextlib.AbstractContextManager:
@@ -244,7 +245,7 @@ class Distributed:
             return values
         keys = sorted(values)
         # NCCL reduces only GPU tensors
-        packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_device())
+        packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(packed)
         return {k: float(v) / self.world_size for k, v in zip(keys, packed, strict=True)}
 
@@ -253,23 +254,16 @@ class Distributed:
             dist.barrier()
 
 
-def _device() -> torch.device:
-    """Where this rank's collectives run: its GPU under NCCL, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _moved(obj: Any, device: torch.device) -> Any:
+def to_device(obj: Any, device: torch.device | str) -> Any:
     """``obj`` with every tensor inside (lists, tuples, dicts, dataclasses) on ``device``."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, dict):
-        return {k: _moved(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_moved(v, device) for v in obj)
+        return type(obj)(to_device(v, device) for v in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: _moved(getattr(obj, f.name), device) for f in dataclasses.fields(obj)}
+        changes = {f.name: to_device(getattr(obj, f.name), device) for f in dataclasses.fields(obj)}
         return dataclasses.replace(obj, **changes)
     return obj
 
@@ -282,13 +276,12 @@ def _decoder_layers(module: nn.Module) -> list[nn.Module]:
     return [sub for sub in module.modules() if type(sub).__name__ in names]
 
 
-def _fully_shard(module: nn.Module) -> nn.Module:
+def _fully_shard(module: nn.Module, device: torch.device) -> nn.Module:
     """FSDP2: each decoder layer one parameter group, ``module`` (the loss) the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in _decoder_layers(module):
         fully_shard(layer, mesh=mesh)
     return fully_shard(module, mesh=mesh)
@@ -313,11 +306,20 @@ def require_split(job: Distributed, count: int, field: str) -> None:
         )
 
 
-def setup(mode: str, batch_size: int, field: str = "batch_size") -> Distributed:
-    """Join the process group that ``torchrun`` describes in the environment, if any."""
+def setup(
+    mode: str,
+    batch_size: int,
+    field: str = "batch_size",
+    device: torch.device | str = "cpu",
+) -> Distributed:
+    """Join the process group that ``torchrun`` describes in the environment, if any.
+
+    ``device`` is where this rank computes (the recipe's resolved ``device=``): NCCL on
+    a GPU, gloo on the CPU."""
+    device = torch.device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Distributed()
+        return Distributed(device=device)
     if mode == "none":
         raise InputError(
             f"the run was launched on {world_size} processes; set distributed=ddp or fsdp",
@@ -330,12 +332,13 @@ def setup(mode: str, batch_size: int, field: str = "batch_size") -> Distributed:
             path="config",
             field=field,
         )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
-    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(), mode=mode)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), mode=mode, device=device
+    )
 
 
 @contextlib.contextmanager

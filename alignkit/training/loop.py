@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from alignkit.data.batching import length_grouped_batches
-from alignkit.models import autocast, bf16_compute
+from alignkit.models import autocast, bf16_compute, model_device
 from alignkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from alignkit.training.distributed import Distributed, LossModule
+from alignkit.training.distributed import Distributed, LossModule, to_device
 from alignkit.training.metrics import MetricsLogger
 from alignkit.training.optim import check_finite, optimizer_step
 
@@ -119,6 +119,7 @@ def train_loop(
     """
     job = job or Distributed()
     token_mean = job.enabled and getattr(compute_loss, "token_mean", False)
+    device = model_device(model)  # batches are built on the CPU and moved here
     start_step, last_checkpoint = 0, None
     if job.sharded:
         # fully_shard replaces the parameters by sharded ones: the optimizer follows
@@ -153,11 +154,11 @@ def train_loop(
             parts = []
             for micro in range(grad_accum):
                 indices = plan.indices((step - 1) * grad_accum + micro)
-                batch = make_batch(job.shard(indices))
+                batch = to_device(make_batch(job.shard(indices)), device)
                 last_micro = micro == grad_accum - 1
                 with job.no_sync(runner) if not last_micro else contextlib.nullcontext():
                     with bf16_compute(model, enabled=bf16_weights):
-                        with autocast(enabled=bf16):
+                        with autocast(device, enabled=bf16):
                             loss, part = runner(batch)
                         if token_mean:
                             # a mean over the batch's tokens: weight each rank's mean by
@@ -221,9 +222,10 @@ def evaluate_batches(
     model.eval()
     parts = []
     is_loss = isinstance(model, LossModule)
+    device = model_device(model)
     for indices in batches:
-        with bf16_compute(model, enabled=bf16 and not is_loss), autocast(enabled=bf16):
-            batch = make_batch(indices)
+        with bf16_compute(model, enabled=bf16 and not is_loss), autocast(device, enabled=bf16):
+            batch = to_device(make_batch(indices), device)
             loss, part = model(batch) if is_loss else compute_loss(model, batch)
         parts.append({"loss": float(loss), **{k: float(v) for k, v in part.items()}})
     return {f"eval/{k}": v for k, v in _mean_metrics(parts).items()}
