@@ -519,7 +519,7 @@ def generate(
     attention[:, :prompt_length] = prompt_mask.repeat_interleave(num_samples, dim=0)
     first_position = prompt_mask.sum(-1).repeat_interleave(num_samples)  # (N,)
 
-    use_bf16 = bf16_supported() if bf16 is None else bf16
+    use_bf16 = bf16_supported(device) if bf16 is None else bf16
     if prepack is None:
         prepack = use_bf16 and max_steps >= _PREPACK_MIN_STEPS and prepacking_supported(device)
     prepack = prepack and use_bf16
