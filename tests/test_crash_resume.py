@@ -33,14 +33,7 @@ MAX_STEPS = 7
 KEEP_LAST = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One intra-op thread here and in the child: the same reduction order in both."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _offline(command: str, data: str, *extra: str) -> list[str]:
