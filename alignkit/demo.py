@@ -75,6 +75,11 @@ class DemoSettings:
     bon_n: int = doc("n of best-of-n", 8)
     eval_prompts: int = doc("held-out prompts for the final evaluation", 64)
     threads: int = doc("torch threads; 0 = the idle cores (1 on a busy machine)", 0)
+    jobs: int = doc(
+        "methods trained at once, each in its own process with threads/jobs threads; "
+        "0 = one per thread, at most 2",
+        0,
+    )
     seed: int = doc("seed of every stage", 0)
 
     def validate(self) -> None:
@@ -87,6 +92,7 @@ class DemoSettings:
         for name in ("feedback_prompts", "reward_steps", "policy_steps", "dpo_steps"):
             check(getattr(self, name) >= 1, name, "must be >= 1")
         check(self.eval_prompts >= 4, "eval_prompts", "must be >= 4")
+        check(self.jobs >= 0, "jobs", "must be >= 0 (0 = one per thread, at most 2)")
 
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -308,6 +314,87 @@ def run_method(
     return {"status": "ok", "seconds": stage.seconds, "summary": summary}
 
 
+def run_methods(
+    s: DemoSettings, start: str, rm: str, out: Path, watch: Stopwatch, resume: bool, threads: int
+) -> tuple[dict[str, dict], int]:
+    """Every method, ``jobs`` at a time; returns ``({method: run}, jobs)`` in method order.
+
+    On 2 cores a 135M model does not keep two threads busy (two threads cost ~1.4x the
+    CPU seconds of one for ~0.8x the wall time, measured in docs/demo.md), while two
+    methods are independent: one process each, with one thread each, uses both cores.
+    """
+    methods = s.method_list()
+    pending = [m for m in methods if not (finished_summary(out / m, resume) and m in watch.stages)]
+    jobs = min(s.jobs or min(threads, 2), max(1, len(pending)))
+    if jobs == 1:
+        return {m: run_method(m, s, start, rm, out, watch, resume) for m in methods}, 1
+
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    per_job = max(1, threads // jobs)
+    (out / "logs").mkdir(exist_ok=True)
+    console.rule(f"{len(pending)} methods, {jobs} at a time, {per_job} thread(s) each")
+    console.print(f"each method's progress is in {out / 'logs'}/METHOD.log")
+    runs: dict[str, dict] = {}
+    with watch("methods"):  # its CPU seconds are its processes'
+        with ProcessPoolExecutor(
+            jobs, mp_context=get_context("spawn"), max_tasks_per_child=1
+        ) as pool:  # a fresh process per method: each hands all its memory back
+            futures = {
+                pool.submit(_method_process, m, s, start, rm, out, per_job): m for m in pending
+            }
+            for future in as_completed(futures):
+                method = futures[future]
+                try:
+                    runs[method], timing = future.result()
+                except Exception as err:  # the process died (killed, out of memory)
+                    runs[method], timing = (
+                        {"status": "failed", "seconds": 0.0, "error": repr(err)},
+                        None,
+                    )
+                    console.print(f"[red]{method} failed[/red]: {err!r}")
+                if timing is not None:
+                    watch.record(method, timing["wall_seconds"], timing["cpu_seconds"], "methods")
+    for m in methods:
+        if m not in runs:  # finished before a resume: its summary is read back
+            runs[m] = run_method(m, s, start, rm, out, watch, resume)
+    return {m: runs[m] for m in methods}, jobs
+
+
+def _method_process(
+    method: str, s: DemoSettings, start: str, rm: str, out: Path, threads: int
+) -> tuple[dict, dict | None]:
+    """One method in a process of its own, its output in ``out/logs/METHOD.log``:
+    ``(run, its wall and CPU seconds)``."""
+    import torch
+
+    log = os.open(out / "logs" / f"{method}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    watch = Stopwatch(out / "logs" / f"{method}.timings.json")
+    run = run_method(method, s, start, rm, out, watch, resume=False)
+    if run["status"] == "ok" and method != "best_of_n":  # sampled here, compared in the parent
+        from alignkit.tasks import get_task
+
+        run["samples"] = _evaluator(s, get_task(s.task), start, rm).sample_policy(
+            method, str(out / method)
+        )
+    return run, watch.stages.get(method)
+
+
+def _evaluator(s: DemoSettings, task: Any, start: str, rm: str) -> Any:
+    """The held-out evaluation every method is measured by (same prompts, seeds, scorers)."""
+    from alignkit.eval.evaluate import EvalSettings, Evaluator
+    from alignkit.rewards import build_reward
+
+    settings = EvalSettings(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                            max_prompts=s.eval_prompts, seed=s.seed + 7)  # fmt: skip
+    return Evaluator(task.prompts("eval"), task.gold, start, settings, reward_fn=build_reward(rm))
+
+
 def evaluate_methods(
     s: DemoSettings,
     task: Any,
@@ -317,17 +404,13 @@ def evaluate_methods(
     out: Path,
     watch: Stopwatch,
 ) -> dict[str, Any]:
-    """Every finished method against the starting policy on the held-out prompts."""
-    from alignkit.eval.evaluate import EvalSettings, Evaluator, json_ready
+    """Every finished method against the starting policy on the held-out prompts (methods
+    trained in a process of their own were sampled and scored there)."""
+    from alignkit.eval.evaluate import json_ready
     from alignkit.recipes.best_of_n import kl_upper_bound
-    from alignkit.rewards import build_reward
 
     with watch("evaluation"):
-        settings = EvalSettings(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                max_prompts=s.eval_prompts, seed=s.seed + 7)  # fmt: skip
-        evaluator = Evaluator(
-            task.prompts("eval"), task.gold, start, settings, reward_fn=build_reward(rm)
-        )
+        evaluator = _evaluator(s, task, start, rm)
         result = {
             "task": task.name,
             **evaluator.describe(),
@@ -349,7 +432,7 @@ def evaluate_methods(
                     str(out / method),
                 )
             else:
-                samples = evaluator.sample_policy(method, str(out / method))
+                samples = run.get("samples") or evaluator.sample_policy(method, str(out / method))
             policies.append(
                 {**evaluator.compare(samples), "train_seconds": round(run["seconds"], 1)}
             )
@@ -407,16 +490,17 @@ def run_demo(s: DemoSettings, overwrite: bool = False, resume: bool = False) -> 
     reward_summary = run_reward(s, start, feedback.pairs_path, out, watch, resume)
     rm = str(out / "reward_model")
     # 4. every method, 5. evaluation against the starting policy
-    runs = {m: run_method(m, s, start, rm, out, watch, resume) for m in s.method_list()}
+    runs, jobs = run_methods(s, start, rm, out, watch, resume, threads)
     evaluation = evaluate_methods(s, task, start, rm, runs, out, watch)
     evaluation["demo"] = {
         "settings": dataclasses.asdict(s),
         "quick": isinstance(s, QuickDemoSettings),
         "threads": threads,
+        "jobs": jobs,
         "reward_model": {**reward_summary, "gold_agreement": reward_gold_agreement(evaluation)},
         "feedback": {"pairs": feedback.num_pairs, "excluded": feedback.excluded},
-        "wall_seconds": round(sum(v["wall_seconds"] for v in watch.stages.values()), 1),
-        "cpu_seconds": round(sum(v["cpu_seconds"] for v in watch.stages.values()), 1),
+        "wall_seconds": watch.total("wall_seconds"),
+        "cpu_seconds": watch.total("cpu_seconds"),
         "resumed": resume,
     }
     (out / "results.json").write_text(json.dumps(evaluation, indent=2))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from .conftest import REPO
 
@@ -114,3 +115,52 @@ def test_dpo_trains_on_a_seeded_sample_of_as_many_pairs_as_it_visits(tmp_path):
     assert _dpo_pairs(DemoSettings(dpo_steps=3, seed=2), tmp_path).read_text() != subset
     everything = _dpo_pairs(DemoSettings(dpo_steps=20), tmp_path).read_text()
     assert everything == "".join(lines)  # fewer pairs than 20 x 8: all of them
+
+
+def test_parallel_methods_train_the_same_models_as_one_after_another(tiny_model, tmp_path):
+    """``jobs=2`` trains (and samples) two methods at a time, each in a process of its
+    own with one thread: models and evaluation are those of a one-thread run in order,
+    bit for bit; a method that fails in its process is recorded, the others finish."""
+    from safetensors.torch import load_file
+
+    from alignkit.cli import run
+
+    common = [
+        f"model={tiny_model}", "feedback_prompts=8", "k=2", "max_new_tokens=6",
+        "reward_steps=2", "dpo_steps=2", "bon_n=2", "eval_prompts=4", "policy_steps=1",
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run(["demo", "--quick", *common, f"output_dir={one}", "methods=dpo,best_of_n",
+                "threads=1"]) == 0  # fmt: skip
+    # kl_coef <= 0 is refused by rloo's recipe alone (dpo and best-of-n do not read it)
+    assert run(["demo", "--quick", *common, f"output_dir={two}", "kl_coef=-1",
+                "methods=dpo,rloo,best_of_n", "threads=2", "jobs=2"]) == 1  # fmt: skip
+
+    want, have = (
+        load_file(one / "dpo" / "model.safetensors"),
+        load_file(two / "dpo" / "model.safetensors"),
+    )
+    assert want.keys() == have.keys()
+    assert all(torch.equal(want[k], have[k]) for k in want)
+    assert (one / "best_of_n" / "best_of_n.jsonl").read_text() == (
+        two / "best_of_n" / "best_of_n.jsonl"
+    ).read_text()
+    results = json.loads((two / "results.json").read_text())
+    assert [p["name"] for p in results["policies"]] == ["dpo", "best_of_n"]  # method order
+    # dpo was sampled and scored in its own process: the same evaluation as in order
+    alone = json.loads((one / "results.json").read_text())["policies"][0]
+    assert results["policies"][0]["samples"] == alone["samples"]
+    assert results["policies"][0]["gold_win_rate"] == alone["gold_win_rate"]
+    assert set(results["not_run"]) == {"rloo"} and "kl_coef" in results["not_run"]["rloo"]
+    assert "kl_coef" in (two / "rloo" / "error.txt").read_text()
+    assert results["demo"]["jobs"] == 2
+    timings = json.loads((two / "timings.json").read_text())
+    for method in ("dpo", "best_of_n"):
+        assert timings[method]["within"] == "methods"
+        assert (two / "logs" / f"{method}.log").stat().st_size > 0
+    # the block counts once in the total (taken before the report), and its CPU seconds
+    # are its processes'
+    outside = [v["wall_seconds"] for k, v in timings.items() if "within" not in v and k != "report"]
+    assert results["demo"]["wall_seconds"] == pytest.approx(sum(outside), abs=0.2)
+    inside = sum(timings[m]["cpu_seconds"] for m in ("dpo", "best_of_n"))
+    assert timings["methods"]["cpu_seconds"] >= inside

@@ -42,10 +42,18 @@ class Stopwatch:
     def __call__(self, name: str) -> _Stage:
         return _Stage(self, name)
 
-    def record(self, name: str, wall: float, cpu: float) -> None:
+    def record(self, name: str, wall: float, cpu: float, within: str | None = None) -> None:
+        """``within`` names the stage this one ran inside, beside others (parallel methods)."""
         self.stages[name] = {"wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2)}
+        if within is not None:
+            self.stages[name]["within"] = within
         self.path.write_text(json.dumps(self.stages, indent=2))
         console.print(f"[bold]{name}[/bold] done in {wall:.1f} s (cpu {cpu:.1f} s)")
+
+    def total(self, key: str) -> float:
+        """``wall_seconds`` or ``cpu_seconds`` of the whole run; stages that ran beside
+        each other count once, as the block they ran ``within``."""
+        return round(sum(v[key] for v in self.stages.values() if "within" not in v), 1)
 
 
 class _Stage:
@@ -54,13 +62,19 @@ class _Stage:
 
     def __enter__(self) -> _Stage:
         console.rule(self.name)
-        self.wall, self.cpu = time.time(), time.process_time()
+        self.wall, self.cpu = time.time(), _cpu_seconds()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        wall, cpu = time.time() - self.wall, time.process_time() - self.cpu
+        wall, cpu = time.time() - self.wall, _cpu_seconds() - self.cpu
         self.seconds = wall
         self.watch.record(self.name, wall, cpu)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have ended."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def release_memory() -> None:
