@@ -47,7 +47,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 
 @dataclass
 class DemoSettings:
-    """The full demo (about 20 minutes on 2 idle cores); see :class:`QuickDemoSettings`."""
+    """The full demo (13.4 minutes measured on 2 idle cores); see :class:`QuickDemoSettings`."""
 
     output_dir: str = doc("run directory", "runs/demo")
     model: str = doc("starting policy", EMBEDDED_MODEL)
@@ -319,8 +319,8 @@ def run_methods(
 ) -> tuple[dict[str, dict], int]:
     """Every method, ``jobs`` at a time; returns ``({method: run}, jobs)`` in method order.
 
-    On 2 cores a 135M model does not keep two threads busy (two threads cost ~1.4x the
-    CPU seconds of one for ~0.8x the wall time, measured in docs/demo.md), while two
+    On 2 cores a 135M model does not keep two threads busy (two threads cost ~1.6x the
+    CPU seconds of one for ~0.95x the wall time, measured in docs/demo.md), while two
     methods are independent: one process each, with one thread each, uses both cores.
     """
     methods = s.method_list()
