@@ -5,10 +5,7 @@ update and a plain rollout copy (fsdp) for the online ones."""
 from __future__ import annotations
 
 import csv
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from safetensors.torch import load_file
 
 from alignkit.cli import main
 
-from .conftest import REPO
+from .conftest import REPO, torchrun_command
 from .online_toy import toy_overrides, write_prompts
 
 
@@ -33,31 +30,8 @@ def _rows(out) -> list[dict[str, float]]:
 
 def _torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
     """``alignkit ARGS`` under torchrun on loopback, one thread per process."""
-    with socket.socket() as probe:  # a free loopback port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(processes),
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(port),
-            "-m",
-            "alignkit.cli",
-            *args,
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    argv, env = torchrun_command(args, processes)
+    return subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def _one_then_two_processes(args: list[str], tmp_path, capsys) -> tuple[Path, Path]:
@@ -264,6 +238,11 @@ ONLINE = {
     # recipe arguments, the metrics that must match, and a per-update batch that splits
     "grpo": (["rl", "algo=grpo", "epochs=2", "num_minibatches=2"], ("loss", "approx_kl")),
     "rloo": (["rl", "algo=rloo"], ("loss", "advantage_std")),
+    "reinforce_pp": (
+        ["rl", "algo=reinforce_pp", "epochs=2", "num_minibatches=2"],
+        ("loss", "approx_kl", "advantage_std"),
+    ),
+    "reinforce": (["rl", "algo=reinforce"], ("loss", "advantage_std")),  # moving baseline
     "rsft": (["rsft", "sft_steps=2", "batch_size=2"], ("sft_loss", "kept")),
     "online-dpo": (
         ["online-dpo", "dpo_steps=2", "batch_size=2", "task=sentiment", "eval_prompts=2"],
@@ -273,8 +252,8 @@ ONLINE = {
 }
 
 
-# the online recipes under fsdp that the suite runs besides PPO (each costs ~20 s)
-ONLINE_FSDP = ["grpo", "dm"]
+# every online recipe besides PPO also runs under fsdp (each case costs ~20 s)
+ONLINE_FSDP = list(ONLINE)
 # logged per rank, not over the batch: dm's log_partition is the mean log Z(x) of rank
 # 0's own prompts; timings differ run to run
 NOT_BATCH_STATISTICS = {"log_partition", "round_seconds"}
