@@ -329,11 +329,34 @@ def test_optimizer_state_converts_between_numbered_and_named_forms(tiny_model):
     optimizer.load_state_dict(back)  # loads as a plain state dict
 
 
-def test_online_lora_under_fsdp_is_refused_before_any_file(tiny_model, tmp_path):
+def test_lora_refusal_is_one_rule_for_every_recipe():
+    """``Distributed.refuse_lora`` (offline and online recipes call it): LoRA is refused
+    only where the run is sharded."""
+    from alignkit.errors import InputError
+    from alignkit.training.distributed import Distributed
+
+    sharded = Distributed(rank=1, world_size=2, mode="fsdp")
+    with pytest.raises(InputError) as info:
+        sharded.refuse_lora(True)
+    assert str(info.value) == (
+        "config: field 'distributed' LoRA is not supported with distributed=fsdp; "
+        "use distributed=ddp"
+    )
+    sharded.refuse_lora(False)  # full weights
+    Distributed(world_size=1, mode="fsdp").refuse_lora(True)  # one process: nothing sharded
+    Distributed(rank=0, world_size=2, mode="ddp").refuse_lora(True)
+
+
+@pytest.mark.parametrize("recipe", ["rl", "sft"])
+def test_lora_under_fsdp_is_refused_before_any_file(recipe, tiny_model, sft_data, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     out = tmp_path / "out"
     overrides = toy_overrides(tiny_model, prompts, out, prompts_per_step=4, distributed="fsdp")
-    result = _torchrun(["rl", *overrides, "max_steps=1"])  # the toy runs train LoRA
+    if recipe == "sft":  # offline: the adapter is checked on the loaded model
+        keep = ("model=", "output_dir=", "lora.r=", "distributed=", "bf16=")
+        overrides = [o for o in overrides if o.startswith(keep)]
+        overrides += [f"data={sft_data}", "batch_size=4"]
+    result = _torchrun([recipe, *overrides, "max_steps=1"])  # the toy runs train LoRA
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("alignkit:")]
     assert lines and "field 'distributed'" in lines[0], result.stderr[-2000:]

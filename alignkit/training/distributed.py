@@ -65,6 +65,15 @@ class Distributed:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def refuse_lora(self, lora: bool) -> None:
+        """Stop a LoRA run that would be sharded: FSDP2 here trains full weights only."""
+        if lora and self.sharded:
+            raise InputError(
+                "LoRA is not supported with distributed=fsdp; use distributed=ddp",
+                path="config",
+                field="distributed",
+            )
+
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's contiguous, equal slice of a global batch."""
         start, stop = self.part(len(indices))
