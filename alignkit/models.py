@@ -30,6 +30,7 @@ from transformers import (
 
 from alignkit.config import check, doc
 from alignkit.errors import InputError
+from alignkit.training.distributed import launch
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random-llama"
@@ -197,10 +198,12 @@ def resolve_device(spec: str, key: str = "device", source: str = "config") -> to
 
     ``auto`` is ``cuda:LOCAL_RANK`` (the rank's GPU under torchrun, GPU 0 otherwise) when
     CUDA is available, else the CPU; ``cuda`` is ``cuda:LOCAL_RANK``; ``cuda:N`` is GPU N.
-    Asking for CUDA where there is none, or for a GPU the machine lacks, is refused.
+    Asking for CUDA where there is none, for a GPU the machine lacks, or for one GPU
+    (``cuda:N``) for several torchrun processes on this machine is refused.
     """
     text = str(spec).strip().lower()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    placed = launch()  # torchrun's variables, each checked
+    local_rank = placed.local_rank
     if text == "cpu":
         return torch.device("cpu")
     if text == "auto":
@@ -216,6 +219,14 @@ def resolve_device(spec: str, key: str = "device", source: str = "config") -> to
         source,
     )
     index = int(match.group(1)) if match.group(1) is not None else local_rank
+    sharing = placed.local_world_size  # torchrun's processes on this machine
+    check(
+        match.group(1) is None or sharing == 1,
+        key,
+        f"is {spec!r}, which would put all {sharing} processes of this machine on GPU "
+        f"{index} (use cuda or auto: each rank takes cuda:LOCAL_RANK)",
+        source,
+    )
     count = torch.cuda.device_count()
     check(index < count, key, f"asks for GPU {index}, but this machine has {count}", source)
     return torch.device("cuda", index)

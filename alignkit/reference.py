@@ -1,8 +1,8 @@
 """Reference-model log-probs, computed once before training and cached on disk.
 
 The cache key covers the model (config and weight files), the tokenizer (vocabulary
-and chat template) and the exact token ids scored, so a changed model, tokenizer
-or dataset can never be served a stale entry.
+and chat template), the exact token ids scored, the compute dtype and the device type,
+so a changed model, tokenizer, dataset or device can never be served a stale entry.
 """
 
 from __future__ import annotations
@@ -95,15 +95,16 @@ def score_sequences(
     return out
 
 
-def cached_reference_logps(
+def reference_cache_key(
     model_name: str,
     tokenizer,
     sequences: list[tuple[list[int], list[int]]],
-    compute: Callable[[], torch.Tensor],
     bf16: bool,
-) -> tuple[torch.Tensor, bool]:
-    """(S_ref for every sequence, whether it came from the cache)."""
-    key = hashlib.sha256(
+    device: torch.device | str,
+) -> str:
+    """The cache entry's name: model, tokenizer, sequences, compute dtype and the type of
+    device that scores them (bf16 kernels round differently on a GPU and on a CPU)."""
+    return hashlib.sha256(
         "|".join(
             [
                 model_fingerprint(model_name),
@@ -111,9 +112,23 @@ def cached_reference_logps(
                 sequences_fingerprint(sequences),
                 f"bf16={bf16}",
                 "compute=bf16-weights" if bf16 else "compute=fp32",
+                f"device={torch.device(device).type}",
             ]
         ).encode()
     ).hexdigest()[:32]
+
+
+def cached_reference_logps(
+    model_name: str,
+    tokenizer,
+    sequences: list[tuple[list[int], list[int]]],
+    compute: Callable[[], torch.Tensor],
+    bf16: bool,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, bool]:
+    """(S_ref for every sequence, whether it came from the cache); ``compute`` scores
+    them on ``device`` when the cache has no entry."""
+    key = reference_cache_key(model_name, tokenizer, sequences, bf16, device)
     path = cache_root() / "reference_logps" / f"{key}.pt"
     if path.is_file():
         cached = torch.load(path, map_location="cpu")

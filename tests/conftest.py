@@ -14,6 +14,33 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def torchrun_command(args: list[str], processes: int = 2) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) that run ``alignkit ARGS`` under torchrun on loopback, one
+    thread per process, this checkout first on the path."""
+    import socket
+    import sys
+
+    with socket.socket() as probe:  # a free loopback port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(processes),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        "-m",
+        "alignkit.cli",
+        *args,
+    ]
+    return argv, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
 @pytest.fixture
 def one_thread(monkeypatch):
     """One intra-op thread here and in child processes: the same reduction order in both."""

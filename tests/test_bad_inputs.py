@@ -35,7 +35,9 @@ def test_corpus_has_at_least_30_cases():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case["name"] for case in CASES])
-def test_bad_input_is_one_line_exit_2(case, tiny_model, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2(case, tiny_model, tmp_path, capsys, monkeypatch):
+    for name, value in case.get("env", {}).items():
+        monkeypatch.setenv(name, value)
     corpus = tmp_path / "corpus"
     shutil.copytree(CORPUS, corpus)
     before = _snapshot(tmp_path)

@@ -7,10 +7,13 @@ after a randomly chosen checkpoint appears (plus a random delay of up to 0.15 s,
 kill may land mid-step or while the next checkpoint is being written), and once more with
 ``--resume`` in this process. The chosen step and delay are in every failure message; set
 ``CRASH_SEED`` to replay one. (best-of-n trains nothing and refuses ``--resume``.)
+PPO and DPO are also killed as 2-process ``distributed=fsdp`` jobs under torchrun
+(torchrun and both ranks at once) and resumed under torchrun.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import random
@@ -26,7 +29,7 @@ from safetensors.torch import load_file
 
 from alignkit.cli import main
 
-from .conftest import REPO, write_jsonl
+from .conftest import REPO, torchrun_command, write_jsonl
 from .online_toy import toy_overrides, write_prompts
 
 MAX_STEPS = 7
@@ -175,6 +178,144 @@ def test_sigkill_then_resume_gives_identical_weights(
     assert len(_metrics(straight)) >= MAX_STEPS
     kept = _checkpoints(killed)
     assert len(kept) == KEEP_LAST, (where, kept)  # older and half-written ones are gone
+    assert not [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")], where
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants. torchrun starts each rank in a session of its
+    own, so no one process group holds the whole job."""
+    tree = [pid]
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            listed = children.read_text().split()
+        except OSError:  # the thread has ended
+            continue
+        for child in listed:
+            tree += _process_tree(int(child))
+    return tree
+
+
+def _signal(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _kill_job_after_checkpoint(args: list[str], out: Path, step: int, delay: float) -> None:
+    """Start ``alignkit ARGS`` under torchrun (2 processes) and, ``delay`` s after
+    checkpoint ``step`` appears, SIGKILL torchrun and both ranks together: all are stopped
+    first, so no process sees another die and shuts down in order (torchrun would send
+    the surviving rank SIGTERM)."""
+    argv, env = torchrun_command(args)
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    marker = out / "checkpoints" / f"step-{step:06d}" / "meta.json"
+    while not (seen := marker.exists()) and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(delay)
+    tree = _process_tree(proc.pid)
+    _signal(tree, signal.SIGSTOP)
+    tree = _process_tree(proc.pid)  # complete: nothing forks while stopped
+    ranks = [p for p in tree[1:] if b"alignkit.cli" in _cmdline(p)]
+    _signal(tree, signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"torchrun ended by itself: {err[-2000:]!r}"
+    assert len(ranks) == 2, (tree, err[-2000:])
+    deadline = time.monotonic() + 30
+    while not all(_gone(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(p) for p in tree), "a rank outlived the kill"
+    assert seen, "the checkpoint never appeared"
+    assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _run_job(args: list[str], where: str) -> None:
+    """``alignkit ARGS`` under torchrun (2 processes), to the end."""
+    argv, env = torchrun_command(args)
+    result = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, f"{where}: {result.stderr[-3000:]}"
+
+
+FSDP_CASES = ["ppo", "dpo"]
+
+
+@pytest.mark.parametrize("name", FSDP_CASES)
+def test_sigkill_of_a_two_process_fsdp_run_then_resume_gives_identical_weights(
+    name, tiny_model, separable_prefs, tmp_path
+):
+    """torchrun, 2 processes, ``distributed=fsdp`` (full weights): PPO (value head,
+    adaptive KL controller, running reward moments, rollout seeds) and DPO. The job is
+    SIGKILLed after a random checkpoint, resumed with ``--resume`` on 2 processes, and
+    ends with the weights and metrics of the uninterrupted 2-process run, bit for bit."""
+    seed = int(os.environ.get("CRASH_SEED", random.SystemRandom().randrange(2**32)))
+    rng = random.Random(seed)
+    kill_step, delay = rng.randint(1, MAX_STEPS - 4), rng.uniform(0.0, 0.15)
+    where = f"{name}: killed {delay:.3f}s after checkpoint {kill_step} (CRASH_SEED={seed})"
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    sharded = {"distributed": "fsdp", "lora.r": 0, "lr": 3e-4}
+    recipe = {
+        "ppo": _online(
+            "ppo",
+            prompts,
+            prompts_per_step=4,  # 2 per rank
+            epochs=2,
+            num_minibatches=2,
+            kl_coef=0.05,
+            kl_target=0.01,
+            kl_horizon=50,
+            reward_norm="true",
+            **sharded,
+        ),
+        "dpo": _offline("dpo", str(separable_prefs), "distributed=fsdp", "lora.r=0"),
+    }[name]
+    common = [
+        *recipe,
+        f"model={tiny_model}",
+        f"max_steps={MAX_STEPS}",
+        "save_steps=1",
+        f"keep_last={KEEP_LAST}",
+        "seed=3",
+        "bf16=false",
+    ]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _run_job([*common, f"output_dir={straight}"], where)
+    _kill_job_after_checkpoint([*common, f"output_dir={killed}"], killed, kill_step, delay)
+    _run_job([*common, f"output_dir={killed}", "--resume"], where)
+
+    weights = ["model.safetensors"] + (["value_head.safetensors"] if name == "ppo" else [])
+    start = load_file(Path(tiny_model) / "model.safetensors")
+    for file in weights:
+        expected, resumed = load_file(straight / file), load_file(killed / file)
+        assert expected.keys() == resumed.keys(), where
+        for key in expected:
+            assert torch.equal(expected[key], resumed[key]), f"{where}: {file} {key}"
+    trained = load_file(straight / "model.safetensors")
+    assert max(float((trained[k] - start[k]).abs().max()) for k in start) > 1e-4  # it trained
+    assert _metrics(killed) == _metrics(straight), where
+    assert len(_metrics(straight)) >= MAX_STEPS
+    kept = _checkpoints(killed)
+    assert len(kept) == KEEP_LAST, (where, kept)
     assert not [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")], where
 
 

@@ -66,6 +66,69 @@ def test_resolution_with_cuda_follows_local_rank(monkeypatch):
     )
 
 
+def test_one_gpu_for_several_processes_on_a_machine_is_refused(monkeypatch):
+    """``cuda:N`` under torchrun would put every rank of the machine on GPU N."""
+    _fake_cuda(monkeypatch, 4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)  # WORLD_SIZE then counts
+    with pytest.raises(InputError) as info:
+        resolve_device("cuda:1")
+    assert str(info.value) == (
+        "config: field 'device' is 'cuda:1', which would put all 2 processes of this machine "
+        "on GPU 1 (use cuda or auto: each rank takes cuda:LOCAL_RANK)"
+    )
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(InputError):
+        resolve_device("cuda:0")
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    # one process per machine (e.g. one per SLURM node): its GPU may be named
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("cuda:3") == torch.device("cuda", 3)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LOCAL_RANK": "first"}, "field 'LOCAL_RANK' expects an integer, got 'first'"),
+        ({"LOCAL_RANK": "-1"}, "field 'LOCAL_RANK' must be >= 0, got -1"),
+        ({"WORLD_SIZE": "2.0"}, "field 'WORLD_SIZE' expects an integer, got '2.0'"),
+        ({"WORLD_SIZE": "0"}, "field 'WORLD_SIZE' must be >= 1, got 0"),
+        ({"WORLD_SIZE": "2", "RANK": "0x1"}, "field 'RANK' expects an integer, got '0x1'"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "field 'RANK' is 2, but WORLD_SIZE is 2"),
+        (
+            {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "two"},
+            "field 'LOCAL_WORLD_SIZE' expects an integer, got 'two'",
+        ),
+    ],
+)
+def test_torchrun_variables_that_are_not_integers_are_named(env, message, monkeypatch):
+    """Every reader of torchrun's variables (device resolution, joining the process
+    group) refuses a malformed one with one line naming it, before torch sees it."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for call in (lambda: resolve_device("cpu"), lambda: setup("ddp", 8)):
+        with pytest.raises(InputError) as info:
+            call()
+        assert str(info.value) == f"environment: {message}"
+
+
+def test_stray_rank_on_one_process_is_not_read(monkeypatch):
+    """RANK and LOCAL_WORLD_SIZE matter only on several processes: a single-process
+    run does not read them."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "not-a-rank")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "x")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert setup("ddp", 8).world_size == 1
+
+
 def test_bf16_and_autocast_follow_the_device(monkeypatch):
     from alignkit.models import autocast, bf16_supported
 
@@ -207,6 +270,37 @@ def test_device_cuda_is_refused_before_any_file(
     assert lines[0].endswith(
         f"{where} is 'cuda' but CUDA is not available on this machine (use cpu or auto)"
     ), lines[0]
+    assert not out.exists()
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["sft", "data={data}"], ["ppo", "data={prompts}"], ["online-dpo", "data={prompts}"]],
+    ids=lambda c: c[0],
+)
+def test_device_cuda_n_under_torchrun_is_refused_before_any_file(
+    command, tiny_model, sft_data, tmp_path, capsys, monkeypatch
+):
+    """As torchrun's rank 0 of 2 on a machine with 2 GPUs: ``device=cuda:1`` is refused
+    with one line naming the key, before any file is written or the group is joined."""
+    _fake_cuda(monkeypatch, 2)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    args = [a.format(data=sft_data, prompts=prompts) for a in command]
+    args += [f"model={tiny_model}", f"output_dir={out}", "distributed=ddp", "device=cuda:1"]
+    before = _snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.strip() == (
+        "alignkit: config: field 'device' is 'cuda:1', which would put all 2 processes of "
+        "this machine on GPU 1 (use cuda or auto: each rank takes cuda:LOCAL_RANK)"
+    ), err
     assert not out.exists()
     assert _snapshot(tmp_path) == before
 

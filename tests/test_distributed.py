@@ -5,10 +5,7 @@ update and a plain rollout copy (fsdp) for the online ones."""
 from __future__ import annotations
 
 import csv
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from safetensors.torch import load_file
 
 from alignkit.cli import main
 
-from .conftest import REPO
+from .conftest import REPO, torchrun_command
 from .online_toy import toy_overrides, write_prompts
 
 
@@ -33,31 +30,8 @@ def _rows(out) -> list[dict[str, float]]:
 
 def _torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
     """``alignkit ARGS`` under torchrun on loopback, one thread per process."""
-    with socket.socket() as probe:  # a free loopback port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(processes),
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(port),
-            "-m",
-            "alignkit.cli",
-            *args,
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    argv, env = torchrun_command(args, processes)
+    return subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def _one_then_two_processes(args: list[str], tmp_path, capsys) -> tuple[Path, Path]:
@@ -264,6 +238,11 @@ ONLINE = {
     # recipe arguments, the metrics that must match, and a per-update batch that splits
     "grpo": (["rl", "algo=grpo", "epochs=2", "num_minibatches=2"], ("loss", "approx_kl")),
     "rloo": (["rl", "algo=rloo"], ("loss", "advantage_std")),
+    "reinforce_pp": (
+        ["rl", "algo=reinforce_pp", "epochs=2", "num_minibatches=2"],
+        ("loss", "approx_kl", "advantage_std"),
+    ),
+    "reinforce": (["rl", "algo=reinforce"], ("loss", "advantage_std")),  # moving baseline
     "rsft": (["rsft", "sft_steps=2", "batch_size=2"], ("sft_loss", "kept")),
     "online-dpo": (
         ["online-dpo", "dpo_steps=2", "batch_size=2", "task=sentiment", "eval_prompts=2"],
@@ -273,8 +252,8 @@ ONLINE = {
 }
 
 
-# the online recipes under fsdp that the suite runs besides PPO (each costs ~20 s)
-ONLINE_FSDP = ["grpo", "dm"]
+# every online recipe besides PPO also runs under fsdp (each case costs ~20 s)
+ONLINE_FSDP = list(ONLINE)
 # logged per rank, not over the batch: dm's log_partition is the mean log Z(x) of rank
 # 0's own prompts; timings differ run to run
 NOT_BATCH_STATISTICS = {"log_partition", "round_seconds"}
@@ -350,11 +329,34 @@ def test_optimizer_state_converts_between_numbered_and_named_forms(tiny_model):
     optimizer.load_state_dict(back)  # loads as a plain state dict
 
 
-def test_online_lora_under_fsdp_is_refused_before_any_file(tiny_model, tmp_path):
+def test_lora_refusal_is_one_rule_for_every_recipe():
+    """``Distributed.refuse_lora`` (offline and online recipes call it): LoRA is refused
+    only where the run is sharded."""
+    from alignkit.errors import InputError
+    from alignkit.training.distributed import Distributed
+
+    sharded = Distributed(rank=1, world_size=2, mode="fsdp")
+    with pytest.raises(InputError) as info:
+        sharded.refuse_lora(True)
+    assert str(info.value) == (
+        "config: field 'distributed' LoRA is not supported with distributed=fsdp; "
+        "use distributed=ddp"
+    )
+    sharded.refuse_lora(False)  # full weights
+    Distributed(world_size=1, mode="fsdp").refuse_lora(True)  # one process: nothing sharded
+    Distributed(rank=0, world_size=2, mode="ddp").refuse_lora(True)
+
+
+@pytest.mark.parametrize("recipe", ["rl", "sft"])
+def test_lora_under_fsdp_is_refused_before_any_file(recipe, tiny_model, sft_data, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     out = tmp_path / "out"
     overrides = toy_overrides(tiny_model, prompts, out, prompts_per_step=4, distributed="fsdp")
-    result = _torchrun(["rl", *overrides, "max_steps=1"])  # the toy runs train LoRA
+    if recipe == "sft":  # offline: the adapter is checked on the loaded model
+        keep = ("model=", "output_dir=", "lora.r=", "distributed=", "bf16=")
+        overrides = [o for o in overrides if o.startswith(keep)]
+        overrides += [f"data={sft_data}", "batch_size=4"]
+    result = _torchrun([recipe, *overrides, "max_steps=1"])  # the toy runs train LoRA
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("alignkit:")]
     assert lines and "field 'distributed'" in lines[0], result.stderr[-2000:]

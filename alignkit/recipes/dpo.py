@@ -183,7 +183,12 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     )
 
             flat, from_cache = cached_reference_logps(
-                config.reference or config.model, tokenizer, sequences, compute, config.use_bf16()
+                config.reference or config.model,
+                tokenizer,
+                sequences,
+                compute,
+                config.use_bf16(),
+                config.torch_device(),
             )
             ref_logps = flat.view(-1, 2)
             source = "cache" if from_cache else f"{time.time() - t0:.1f}s"

@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 from alignkit.config import save_config
-from alignkit.models import save_model
+from alignkit.models import is_lora, save_model
 from alignkit.training.common import TrainConfig
 
 console = Console(stderr=True, soft_wrap=True)
@@ -126,16 +126,7 @@ def fit(
     from alignkit.training.optim import build_optimizer
 
     job = setup(config.distributed, config.batch_size, device=config.torch_device())
-    if job.sharded:
-        from alignkit.errors import InputError
-        from alignkit.models import is_lora
-
-        if is_lora(model):
-            raise InputError(
-                "LoRA is not supported with distributed=fsdp; use distributed=ddp",
-                path="config",
-                field="distributed",
-            )
+    job.refuse_lora(is_lora(model))
     if output_dir is None:
         with main_first(job) as is_main:
             output_dir = (

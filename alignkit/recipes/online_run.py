@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from alignkit.data.examples import Prompt
-from alignkit.errors import InputError
 from alignkit.models import load_policy, load_tokenizer
 from alignkit.recipes.offline import save_run
 from alignkit.recipes.online import (
@@ -175,12 +174,7 @@ class OnlineRun:
         job = setup(config.distributed, config.prompts_per_step, "prompts_per_step", device)
         if check_job is not None:
             check_job(job)
-        if job.sharded and config.lora.r > 0:
-            raise InputError(
-                "LoRA is not supported with distributed=fsdp; use distributed=ddp",
-                path="config",
-                field="distributed",
-            )
+        job.refuse_lora(config.lora.r > 0)
         check_output_dir(config.output_dir, overwrite, resume)
         job.barrier()  # every rank has checked before rank 0 creates or replaces it
         seed_everything(config.seed)

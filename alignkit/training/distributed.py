@@ -65,6 +65,15 @@ class Distributed:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def refuse_lora(self, lora: bool) -> None:
+        """Stop a LoRA run that would be sharded: FSDP2 here trains full weights only."""
+        if lora and self.sharded:
+            raise InputError(
+                "LoRA is not supported with distributed=fsdp; use distributed=ddp",
+                path="config",
+                field="distributed",
+            )
+
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's contiguous, equal slice of a global batch."""
         start, stop = self.part(len(indices))
@@ -296,6 +305,48 @@ def _fsdp_no_sync(module: nn.Module) -> Iterator[None]:
         module.set_requires_gradient_sync(True)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """Where ``torchrun`` placed this process, read from its environment variables
+    (unset: one process of one)."""
+
+    world_size: int = 1  # WORLD_SIZE
+    rank: int = 0  # RANK, read when WORLD_SIZE > 1
+    local_rank: int = 0  # LOCAL_RANK: the process's index on its machine
+    local_world_size: int = 1  # LOCAL_WORLD_SIZE (default WORLD_SIZE): processes on it
+
+
+def launch() -> Launch:
+    """This process's :class:`Launch`; an :class:`InputError` naming the variable when
+    one is not an integer or out of range (a traceback inside torch otherwise)."""
+    world_size = _env_int("WORLD_SIZE", 1, least=1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size == 1:
+        return Launch(local_rank=local_rank)
+    rank = _env_int("RANK", 0)  # init_process_group reads it from the environment
+    if rank >= world_size:
+        raise InputError(
+            f"is {rank}, but WORLD_SIZE is {world_size}", path="environment", field="RANK"
+        )
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size, least=1)
+    return Launch(world_size, rank, local_rank, local_world_size)
+
+
+def _env_int(name: str, default: int, least: int = 0) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(
+            f"expects an integer, got {text!r}", path="environment", field=name
+        ) from None
+    if value < least:
+        raise InputError(f"must be >= {least}, got {value}", path="environment", field=name)
+    return value
+
+
 def require_split(job: Distributed, count: int, field: str) -> None:
     """Under several ranks ``count`` (a per-update batch) must split evenly."""
     if job.enabled and count % job.world_size:
@@ -317,7 +368,7 @@ def setup(
     ``device`` is where this rank computes (the recipe's resolved ``device=``): NCCL on
     a GPU, gloo on the CPU."""
     device = torch.device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launch().world_size
     if world_size == 1:
         return Distributed(device=device)
     if mode == "none":
