@@ -264,7 +264,8 @@ def load_sampler(name: str, device: torch.device | str = "cpu") -> PreTrainedMod
 
     path = resolve_model(name)
     model = load_policy(path, device=device).requires_grad_(False)
-    FastDecoder.take(model, read=_checkpoint_reader(model, path))
+    if bf16_supported(model_device(model)):
+        FastDecoder.take(model, read=_checkpoint_reader(model, path))
     return model
 
 

@@ -521,7 +521,8 @@ def generate(
     attention[:, :prompt_length] = prompt_mask.repeat_interleave(num_samples, dim=0)
     first_position = prompt_mask.sum(-1).repeat_interleave(num_samples)  # (N,)
 
-    use_bf16 = bf16_supported(device) if bf16 is None else bf16
+    decoder = FastDecoder.owner(model)
+    use_bf16 = (decoder is not None or bf16_supported(device)) if bf16 is None else bf16
     if prepack is None:
         prepack = use_bf16 and max_steps >= _PREPACK_MIN_STEPS and prepacking_supported(device)
     prepack = prepack and use_bf16
@@ -529,7 +530,6 @@ def generate(
         fast_decode = prepack
     # a sampling-only model's weights live in its decoder (alignkit.models.load_sampler):
     # it decodes through it at any length, and only in bf16
-    decoder = FastDecoder.owner(model)
     if decoder is not None and not use_bf16:
         raise ValueError("this model was loaded for bf16 sampling (load_sampler); bf16=False")
     if decoder is None and fast_decode and max_steps > 1:
