@@ -2,8 +2,8 @@
 
 Through autograd, ``down(silu(gate(x)) * up(x))`` saves per token and layer the
 input, ``gate``, ``silu(gate)``, ``up`` and their product (the input of ``down``):
-four tensors of the intermediate width, ~64% of what a reward-model or DPO step on
-SmolLM2 keeps for backward (docs/benchmarks.md). :class:`SwiGLU` saves the input,
+four tensors of the intermediate width, the largest share of what a reward-model or
+DPO step on SmolLM2 keeps for backward (docs/benchmarks.md). :class:`SwiGLU` saves the input,
 ``gate`` and ``up`` and recomputes the two elementwise products in backward (no
 matmul is recomputed). The Hugging Face RMSNorm upcasts its input and saves the fp32
 copy and the bf16 normalised one; :class:`RMSNorm` saves the bf16 input and one fp32
