@@ -19,10 +19,16 @@ Only for the architectures whose decoder layer is exactly pre-norm RMSNorm ->
 rotary attention -> RMSNorm -> SwiGLU MLP with plain ``nn.Linear`` projections
 (Llama, Mistral without a sliding window in reach, Qwen2); :meth:`FastDecoder.build`
 returns None for anything else (LoRA-wrapped layers too) and the plain path runs.
+
+A model loaded for sampling only (:func:`alignkit.models.load_sampler`) gives its
+decoder-layer weights to its decoder for good (:meth:`FastDecoder.take`): the packed
+bf16 products are then the only copy, instead of the fp32 weights plus a packed copy,
+and the model's own linears compute from them.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +47,15 @@ Linear = Callable[[torch.Tensor], torch.Tensor]
 _BUILT: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FastDecoder]] = (
     weakref.WeakKeyDictionary()
 )
+# Sampling-only models whose linear weights live only in their decoder (FastDecoder.take).
+_OWNED: weakref.WeakKeyDictionary[nn.Module, FastDecoder] = weakref.WeakKeyDictionary()
+
+# Reads the values of a model's tensors from its checkpoint (see FastDecoder.take).
+Reader = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+def _own_values(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return tensors
 
 
 def _linear(weights: list[torch.Tensor], biases: list[torch.Tensor | None], bf16: bool) -> Linear:
@@ -64,6 +79,34 @@ def _linear(weights: list[torch.Tensor], biases: list[torch.Tensor | None], bf16
         return out.view(*x.shape[:-1], out.shape[-1])
 
     return product
+
+
+def _group(modules: list[nn.Linear], bf16: bool, read: Reader, give: bool) -> Linear:
+    """The fused product of linears sharing an input; with ``give``, the only copy of them.
+
+    Given, each module's weight and bias are dropped (registered as None) and its
+    forward returns its columns of the fused product.
+    """
+    tensors = [m.weight for m in modules] + [m.bias for m in modules if m.bias is not None]
+    values = iter(read(tensors))
+    weights = [next(values) for _ in modules]
+    biases = [next(values) if m.bias is not None else None for m in modules]
+    product = _linear(weights, biases, bf16)
+    del tensors, values, weights, biases  # the source values go before the next group
+    if give:
+        start = 0
+        for module in modules:
+            end = start + module.out_features
+            module.register_parameter("weight", None)
+            module.register_parameter("bias", None)
+            module.forward = functools.partial(_columns, product, start, end)
+            start = end
+    return product
+
+
+def _columns(product: Linear, start: int, end: int, x: torch.Tensor) -> torch.Tensor:
+    out = product(x)
+    return out if start == 0 and end == out.shape[-1] else out[..., start:end]
 
 
 @dataclass(frozen=True)
@@ -109,7 +152,16 @@ def _supported(model: nn.Module, capacity: int) -> bool:
 class FastDecoder:
     """The model's prefill and decode step, from weights fused (and packed) once."""
 
-    def __init__(self, model: nn.Module, bf16: bool) -> None:
+    def __init__(
+        self, model: nn.Module, bf16: bool, read: Reader | None = None, give: bool = False
+    ) -> None:
+        """Fuse (and under bf16 pack) the model's linears.
+
+        ``read`` gives the values of the weights (default: the tensors themselves).
+        ``give``: each group's weights leave the model once packed and its linears
+        compute from the packed product (:meth:`take`); layer by layer, so at most one
+        layer's source values are held beside the packed copies.
+        """
         config = model.config
         backbone = model.model
         self.heads = config.num_attention_heads
@@ -119,27 +171,63 @@ class FastDecoder:
         self.embed = backbone.embed_tokens
         self.rotary = backbone.rotary_emb
         self.final_norm = backbone.norm.weight
-        self.lm_head = _linear([model.lm_head.weight], [model.lm_head.bias], bf16)
+        read = read or _own_values
+        # a head tied to the embedding stays with the model (the embedding needs it)
+        tied = model.lm_head.weight is backbone.embed_tokens.weight
+        self.lm_head = _group([model.lm_head], bf16, read, give and not tied)
         self.layers = []
         for block in backbone.layers:
             attn, mlp = block.self_attn, block.mlp
-            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
             self.layers.append(
                 _Layer(
                     input_norm=block.input_layernorm.weight,
-                    qkv=_linear(
-                        [p.weight for p in projections], [p.bias for p in projections], bf16
-                    ),
-                    out=_linear([attn.o_proj.weight], [attn.o_proj.bias], bf16),
+                    qkv=_group([attn.q_proj, attn.k_proj, attn.v_proj], bf16, read, give),
+                    out=_group([attn.o_proj], bf16, read, give),
                     post_norm=block.post_attention_layernorm.weight,
-                    gate_up=_linear(
-                        [mlp.gate_proj.weight, mlp.up_proj.weight],
-                        [mlp.gate_proj.bias, mlp.up_proj.bias],
-                        bf16,
-                    ),
-                    down=_linear([mlp.down_proj.weight], [mlp.down_proj.bias], bf16),
+                    gate_up=_group([mlp.gate_proj, mlp.up_proj], bf16, read, give),
+                    down=_group([mlp.down_proj], bf16, read, give),
                 )
             )
+
+    @classmethod
+    def take(cls, model: nn.Module, read: Reader | None = None) -> FastDecoder | None:
+        """Pack a sampling-only model's decoder for good; its packed weights become the only copy.
+
+        For a frozen model of a supported architecture on a CPU where oneDNN runs bf16
+        (else None, and the model is left as it is). Each decoder-layer linear (and an
+        untied LM head) gives up its weight and bias: it keeps its place in the model and
+        its forward returns its slice of the packed fused product, so the Hugging Face
+        forward still runs, in bf16 (q, k and v each compute the fused product there;
+        :func:`alignkit.rollout.generate` uses the decoder itself). The model can no
+        longer be trained, saved or run in fp32: memory is what it buys, one bf16 copy
+        of those weights instead of the fp32 weights plus a packed copy.
+
+        ``read``: where the weights' values come from, e.g. the checkpoint read apart
+        from the model's own memory-mapped tensors (:func:`alignkit.models.load_sampler`),
+        so that the fp32 file pages of one layer at a time are resident, not all of them.
+        """
+        if model in _OWNED:
+            return _OWNED[model]
+        parameters = list(model.parameters())
+        if any(p.requires_grad for p in parameters) or not parameters:
+            return None
+        device = parameters[0].device
+        bf16_ok = (
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+        capacity = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        if device.type != "cpu" or not bf16_ok or not _supported(model, capacity):
+            return None
+        _BUILT.pop(model, None)
+        with torch.no_grad():
+            decoder = cls(model, bf16=True, read=read, give=True)
+        _OWNED[model] = decoder
+        return decoder
+
+    @staticmethod
+    def owner(model: nn.Module) -> FastDecoder | None:
+        """The decoder that holds ``model``'s linear weights (:meth:`take`), else None."""
+        return _OWNED.get(model)
 
     @classmethod
     def build(cls, model: nn.Module, capacity: int, bf16: bool) -> FastDecoder | None:
@@ -156,6 +244,11 @@ class FastDecoder:
         none between calls (its weights change every step; the packed copy would only
         hold memory).
         """
+        owner = _OWNED.get(model)
+        if owner is not None:
+            if not bf16:
+                raise ValueError("this model was loaded for bf16 sampling (load_sampler)")
+            return owner
         if not _supported(model, capacity):
             return None
         parameters = list(model.parameters())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -257,6 +258,67 @@ def load_policy(
     if lora is not None and lora.r > 0:
         model = apply_lora(model, lora, task_type="CAUSAL_LM")
     return model
+
+
+def load_sampler(name: str, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """A frozen causal LM for sampling only (``alignkit sample``, the benchmark).
+
+    On a CPU where oneDNN runs bf16, and for the architectures
+    :class:`alignkit.decode.FastDecoder` writes out, the decoder-layer weights are
+    read from the checkpoint layer by layer and packed into the decoder, which keeps
+    the only copy (:meth:`FastDecoder.take`): one bf16 copy of them instead of the
+    fp32 weights plus a packed one. It samples the same tokens and log-probs as
+    :func:`load_policy`'s model frozen (tests/test_decode.py), always in bf16. The
+    embedding and the norms stay fp32. Elsewhere this is :func:`load_policy`, frozen.
+    """
+    from alignkit.decode import FastDecoder
+
+    path = resolve_model(name)
+    model = load_policy(path, device=device).requires_grad_(False)
+    if bf16_supported(model_device(model)):
+        FastDecoder.take(model, read=_checkpoint_reader(model, path))
+    return model
+
+
+def _checkpoint_reader(model: torch.nn.Module, path: str):
+    """Read a just-loaded model's tensors from its safetensors files, one mapping per call.
+
+    ``from_pretrained`` maps the whole checkpoint and its tensors are views of that
+    mapping, so every page read through them stays resident for the model's life. A
+    fresh mapping per call is released as soon as the tensors it gave are dropped.
+    Tensors not found under their name (or changed since loading) are read in place.
+    """
+    from safetensors import safe_open
+
+    directory = Path(path)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = {
+            key: directory / file
+            for key, file in json.loads(index.read_text())["weight_map"].items()
+        }
+    elif (directory / "model.safetensors").is_file():
+        with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
+            files = {key: directory / "model.safetensors" for key in handle.keys()}  # noqa: SIM118
+    else:
+        files = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def read(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for tensor in tensors:
+            name = names.get(id(tensor))
+            if name not in files or tensor._version != 0:
+                out.append(tensor)
+                continue
+            with safe_open(str(files[name]), framework="pt", device="cpu") as handle:
+                value = handle.get_tensor(name)
+            if value.shape != tensor.shape:
+                value = tensor
+            out.append(value.to(tensor.dtype))
+        return out
+
+    return read
 
 
 def load_reward_backbone(

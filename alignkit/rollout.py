@@ -483,7 +483,9 @@ def generate(
     decode step runs through :class:`alignkit.decode.FastDecoder` (fused products from
     packed weights, attention over the cache in place) instead of the HF forward;
     True = wherever the architecture allows (fp32 too: fp32 copies of the fused
-    weights); False = the HF forward.
+    weights); False = the HF forward. A model from :func:`alignkit.models.load_sampler`
+    whose weights its decoder holds always decodes through it (``prepack`` and
+    ``fast_decode`` do not apply; ``bf16=False`` is refused).
 
     Runs under ``torch.no_grad`` rather than ``torch.inference_mode``: under
     inference mode autocast does not keep its bf16 weight casts between steps,
@@ -519,16 +521,21 @@ def generate(
     attention[:, :prompt_length] = prompt_mask.repeat_interleave(num_samples, dim=0)
     first_position = prompt_mask.sum(-1).repeat_interleave(num_samples)  # (N,)
 
-    use_bf16 = bf16_supported(device) if bf16 is None else bf16
+    decoder = FastDecoder.owner(model)
+    use_bf16 = (decoder is not None or bf16_supported(device)) if bf16 is None else bf16
     if prepack is None:
         prepack = use_bf16 and max_steps >= _PREPACK_MIN_STEPS and prepacking_supported(device)
     prepack = prepack and use_bf16
     if fast_decode is None:
         fast_decode = prepack
-    decoder = None
-    if fast_decode and max_steps > 1 and (not use_bf16 or prepacking_supported(device)):
-        with torch.no_grad():
-            decoder = FastDecoder.build(model, prompt_length + max_steps, bf16=use_bf16)
+    # a sampling-only model's weights live in its decoder (alignkit.models.load_sampler):
+    # it decodes through it at any length, and only in bf16
+    if decoder is not None and not use_bf16:
+        raise ValueError("this model was loaded for bf16 sampling (load_sampler); bf16=False")
+    if decoder is None and fast_decode and max_steps > 1:
+        if not use_bf16 or prepacking_supported(device):
+            with torch.no_grad():
+                decoder = FastDecoder.build(model, prompt_length + max_steps, bf16=use_bf16)
     was_training = model.training
     model.eval()
     steps = 0

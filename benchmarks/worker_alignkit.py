@@ -124,14 +124,12 @@ def generation(params: dict, gate: Gate) -> None:
     import torch
 
     from alignkit.data import encode_prompt
-    from alignkit.models import EMBEDDED_MODEL, load_policy, load_tokenizer
+    from alignkit.models import EMBEDDED_MODEL, load_sampler, load_tokenizer
     from alignkit.rollout import SamplingParams, generate
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    model = load_policy(EMBEDDED_MODEL)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    model = load_sampler(EMBEDDED_MODEL)  # as ``alignkit sample`` loads it
     prompts = [encode_prompt(tokenizer, row["prompt"]) for row in params["_prompts"]]
     calls = 0
     while True:

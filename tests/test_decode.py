@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from alignkit.decode import FastDecoder
-from alignkit.models import autocast, load_policy, load_tokenizer
+from alignkit.models import autocast, load_policy, load_sampler, load_tokenizer
 from alignkit.rollout import SamplingParams, _new_cache, _prefill_logits, generate
 
 
@@ -168,3 +168,61 @@ def test_a_frozen_model_packs_once_until_its_weights_change(tiny_model):
     assert FastDecoder.build(trainable, 32, bf16=False) is not FastDecoder.build(
         trainable, 32, bf16=False
     )  # a policy being trained is repacked every call
+
+
+def _sampling_prompts():
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randint(5, 3000, (n,), generator=generator).tolist() for n in (11, 4, 30)]
+
+
+@pytest.mark.parametrize("new_tokens", [16, 4])
+def test_sampler_model_samples_what_the_frozen_fp32_model_samples(tiny_model, new_tokens):
+    """load_sampler's model (weights only in the packed decoder) against load_policy's, frozen.
+
+    At 4 new tokens the fp32 model would skip packing; the sampler always decodes through
+    its decoder, so the fp32 model is asked for the fast step to compare like with like.
+    """
+    tokenizer = load_tokenizer(tiny_model)
+    frozen = load_policy(tiny_model).requires_grad_(False)
+    sampler = load_sampler(tiny_model)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=2)
+    plain = generate(frozen, tokenizer, _sampling_prompts(), params, 3, fast_decode=True)
+    mine = generate(sampler, tokenizer, _sampling_prompts(), params, 3)
+    assert torch.equal(mine.input_ids, plain.input_ids)
+    assert torch.equal(mine.completion_mask, plain.completion_mask)
+    assert torch.allclose(mine.sampling_logps, plain.sampling_logps, atol=1e-5)
+    assert plain.completion_lengths.sum() >= 3 * 3 * min(new_tokens, 4)
+    assert plain.sampling_logps.abs().sum() > 0
+
+
+def test_sampler_model_holds_its_linear_weights_once_and_still_runs_the_hf_forward(tiny_model):
+    frozen = load_policy(tiny_model).requires_grad_(False)
+    sampler = load_sampler(tiny_model)
+    assert FastDecoder.owner(sampler) is not None
+    kept = {n for n, _ in sampler.named_parameters()}
+    assert kept == {n for n, _ in frozen.named_parameters() if "proj" not in n}  # norms, embedding
+    assert all(p.dtype == torch.float32 for p in sampler.parameters())
+    ids = torch.randint(5, 3000, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), autocast(enabled=True):
+        theirs = frozen(input_ids=ids).logits.float()
+        mine = sampler(input_ids=ids).logits.float()  # q, k, v and gate, up from fused products
+    assert (mine - theirs).abs().max() <= 2e-2 * theirs.abs().max()
+    assert torch.equal(mine.argmax(-1), theirs.argmax(-1))
+    tokenizer = load_tokenizer(tiny_model)
+    with pytest.raises(ValueError, match="bf16"):
+        generate(sampler, tokenizer, [[5, 6]], SamplingParams(max_new_tokens=2), bf16=False)
+
+
+def test_checkpoint_reader_reads_the_loaded_values_apart_from_the_model(tiny_model):
+    from alignkit.models import _checkpoint_reader, resolve_model
+
+    model = load_policy(tiny_model).requires_grad_(False)
+    read = _checkpoint_reader(model, resolve_model(tiny_model))
+    weight = model.model.layers[1].mlp.down_proj.weight
+    (value,) = read([weight])
+    assert value is not weight and value.data_ptr() != weight.data_ptr()
+    assert torch.equal(value, weight)
+    with torch.no_grad():
+        weight.mul_(2.0)  # changed since loading: read in place
+    (value,) = read([weight])
+    assert value is weight

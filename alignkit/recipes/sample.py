@@ -15,7 +15,13 @@ from alignkit.data.formats import read_rows
 from alignkit.data.tokenize import encode_prompt
 from alignkit.data.validation import prompt_value, require
 from alignkit.errors import InputError
-from alignkit.models import DEVICE_HELP, EMBEDDED_MODEL, load_policy, load_tokenizer, resolve_device
+from alignkit.models import (
+    DEVICE_HELP,
+    EMBEDDED_MODEL,
+    load_sampler,
+    load_tokenizer,
+    resolve_device,
+)
 from alignkit.rewards import ENSEMBLE_MODES, build_reward
 from alignkit.rollout import SamplingParams, generate
 from alignkit.tasks import DEFAULT_TASK, Prompt, get_task
@@ -105,7 +111,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         if config.reward
         else None
     )
-    model = load_policy(config.model, device=device).requires_grad_(False)  # sampling only
+    model = load_sampler(config.model, device=device)  # frozen, weights packed once
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     # resume keeps whole batches only, so the rest is sampled with the same seeds

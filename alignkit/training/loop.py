@@ -21,6 +21,7 @@ from alignkit.data.batching import length_grouped_batches
 from alignkit.models import autocast, bf16_compute, model_device
 from alignkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.training.distributed import Distributed, LossModule, to_device
+from alignkit.training.fused import fused_layers
 from alignkit.training.metrics import MetricsLogger
 from alignkit.training.optim import check_finite, optimizer_step
 
@@ -158,7 +159,8 @@ def train_loop(
                 last_micro = micro == grad_accum - 1
                 with job.no_sync(runner) if not last_micro else contextlib.nullcontext():
                     with bf16_compute(model, enabled=bf16_weights):
-                        with autocast(device, enabled=bf16):
+                        # MLPs and norms that save less for backward (fused.py)
+                        with autocast(device, enabled=bf16), fused_layers(model, bf16_weights):
                             loss, part = runner(batch)
                         if token_mean:
                             # a mean over the batch's tokens: weight each rank's mean by
