@@ -406,8 +406,16 @@ def test_online_batch_that_does_not_split_is_refused_before_any_file(tiny_model,
     assert not out.exists()
 
 
-def test_dpo_lora_under_fsdp_is_refused_before_the_reference_pass(
-    tiny_model, separable_prefs, tmp_path
+@pytest.mark.parametrize(
+    ("settings", "field", "message"),
+    [
+        (["lora.r=4", "distributed=fsdp", "batch_size=4"], "distributed", "LoRA is not supported"),
+        (["distributed=ddp", "batch_size=3"], "batch_size", "does not split evenly over 2"),
+    ],
+    ids=["lora-fsdp", "batch-split"],
+)
+def test_dpo_distributed_refusal_comes_before_the_reference_pass(
+    settings, field, message, tiny_model, separable_prefs, tmp_path
 ):
     """The refusal comes before any forward pass: the reference log-probs are neither
     computed nor cached (the cache root is this test's), and no run directory exists."""
@@ -415,7 +423,7 @@ def test_dpo_lora_under_fsdp_is_refused_before_the_reference_pass(
     cache.mkdir()
     (cache / "marker").write_text("untouched")
     args = ["dpo", f"model={tiny_model}", f"data={separable_prefs}", f"output_dir={out}"]
-    args += ["lora.r=4", "distributed=fsdp", "batch_size=4", "max_steps=1", "bf16=false"]
+    args += [*settings, "max_steps=1", "bf16=false"]
     argv, env = torchrun_command(args)
     result = subprocess.run(
         argv,
@@ -426,8 +434,8 @@ def test_dpo_lora_under_fsdp_is_refused_before_the_reference_pass(
         timeout=600,
     )
     lines = [line for line in result.stderr.splitlines() if line.startswith("alignkit:")]
-    assert lines and "LoRA is not supported with distributed=fsdp" in lines[0], result.stderr
-    assert "field 'distributed'" in lines[0]
+    assert lines and message in lines[0], result.stderr
+    assert f"field '{field}'" in lines[0]
     assert len(lines) in (1, 2) and len(set(lines)) == 1, lines  # one line per rank
     assert "/alignkit/" not in result.stderr  # no traceback from alignkit's code
     assert result.returncode != 0
