@@ -265,7 +265,8 @@ def _build_one(
             task = get_task(name)
         except InputError as err:
             raise _bad_spec(err.message, source) from None
-        gold = task.gold
+        # a judge running a model of its own (the harmless encoder) uses the reward's device
+        gold = task.gold_on(kwargs.get("device", "cpu"))
         return FunctionReward(gold, spec)
     if spec.startswith("classifier:"):
         parts = spec[len("classifier:") :].split(":")

@@ -76,16 +76,25 @@ class PolicyServer:
     """One base model with optional LoRA adapters; one generation at a time (adapters are global state)."""
 
     def __init__(
-        self, model_dir: str, adapters: dict[str, str], name: str | None, max_new_tokens: int
+        self,
+        model_dir: str,
+        adapters: dict[str, str],
+        name: str | None,
+        max_new_tokens: int,
+        device: Any = "cpu",  # a torch.device or its name (the CLI's --device, resolved)
     ) -> None:
+        import torch
+
         from alignkit.models import load_policy, load_tokenizer, resolve_model
+
+        self.device = torch.device(device)
 
         path = resolve_model(model_dir)
         self.base_name = name or Path(path).name
         self.tokenizer = load_tokenizer(path, padding_side="left")
         if not self.tokenizer.chat_template:
             raise InputError("the tokenizer has no chat template", path=model_dir)
-        model = load_policy(path).eval()
+        model = load_policy(path, device=self.device).eval()
         self.adapter_names = list(adapters)
         if adapters:
             from peft import PeftModel
@@ -94,7 +103,7 @@ class PolicyServer:
             model = PeftModel.from_pretrained(model, first[1], adapter_name=first[0])
             for adapter_name, adapter_dir in rest:
                 model.load_adapter(adapter_dir, adapter_name=adapter_name)
-            model.eval()
+            model.to(self.device).eval()
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.lock = threading.Lock()
@@ -119,9 +128,10 @@ class PolicyServer:
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in request.messages
         ]
-        return self.tokenizer.apply_chat_template(
+        inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
+        return {key: value.to(self.device) for key, value in inputs.items()}
 
     def _generate_kwargs(self, request: ChatRequest) -> dict[str, Any]:
         max_new = request.max_completion_tokens or request.max_tokens or self.max_new_tokens
@@ -153,7 +163,12 @@ class PolicyServer:
         inputs = self._inputs(request)
         prompt_length = inputs["input_ids"].shape[1]
         kwargs = self._generate_kwargs(request)
-        with self.lock, torch.inference_mode(), autocast(), self._adapter_context(request.model):
+        with (
+            self.lock,
+            torch.inference_mode(),
+            autocast(self.device),
+            self._adapter_context(request.model),
+        ):
             if request.seed is not None:
                 torch.manual_seed(request.seed)
             output = self.model.generate(**inputs, num_return_sequences=request.n, **kwargs)
@@ -185,7 +200,7 @@ class PolicyServer:
             with (
                 self.lock,
                 torch.inference_mode(),
-                autocast(),
+                autocast(self.device),
                 self._adapter_context(request.model),
             ):
                 if request.seed is not None:
@@ -336,13 +351,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=256, help="default when a request sets none"
     )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the model runs: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), "
+        "cpu, cuda, cuda:N",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     """Load the model and serve it with uvicorn."""
     import uvicorn
 
-    server = PolicyServer(args.model, parse_adapters(args.adapter), args.name, args.max_new_tokens)
+    from alignkit.models import resolve_device
+
+    # a bad --device is refused before the model loads
+    device = resolve_device(args.device, key="--device", source="command line")
+    adapters = parse_adapters(args.adapter)
+    server = PolicyServer(args.model, adapters, args.name, args.max_new_tokens, device)
     if server.base_name in server.adapter_names:
         raise InputError(
             f"adapter name {server.base_name!r} is the base model's name", field="--adapter"

@@ -228,6 +228,25 @@ def test_ppo_value_loss_by_hand():
     assert old_grad is None
 
 
+def test_ppo_value_clip_fraction_counts_no_rounding_inside_the_range():
+    # |V - V_old| = 0.0117 < 0.2: not clipped. In fp32 V_old + (V - V_old) is not V here
+    # (-0.0047369976528 for V = -0.0047369971871), so the clipped error would come out one
+    # rounding larger than the unclipped one and count as a clipped token.
+    values = torch.tensor([[-0.004736997187137604, 1.0]], requires_grad=True)
+    old_values = torch.tensor([[0.006920091342180967, 0.5]])
+    returns = torch.tensor([[0.0, 2.0]])
+    mask = torch.tensor([[1, 1]])
+    assert (old_values + (values - old_values))[0, 0] != values[0, 0]  # the rounding
+    loss, metrics = ppo_value_loss(values, old_values, returns, mask, clip_eps=0.2)
+    # token 0: unclipped, error V^2; token 1: V_clip = 0.7, error 1.69 (clipped)
+    v = values[0, 0].item()
+    assert loss.item() == pytest.approx(0.5 * (v * v + 1.69) / 2, abs=1e-7)
+    assert metrics["value_clip_fraction"].item() == 0.5  # token 1 only
+    (values_grad,) = torch.autograd.grad(loss, [values])
+    assert values_grad[0, 0].item() == pytest.approx(0.5 * v, rel=1e-5)  # d/dV 0.5 V^2 / 2
+    assert values_grad[0, 1].item() == 0.0
+
+
 # ----------------------------------------------------------------------------- critic-free
 
 

@@ -301,7 +301,7 @@ def main(args: argparse.Namespace) -> int:
     # 1. sample the reference once, then each policy; 2. compare
     evaluator = Evaluator(
         task.prompts("eval"),
-        task.gold,
+        task.gold_on(device),  # the harmless judge's encoder on --device too
         args.reference,
         settings,
         reward_fn=reward_fn,

@@ -325,7 +325,10 @@ def ppo_value_loss(
     """
     values = values.float()
     old_values, returns = old_values.detach().float(), returns.detach().float()
-    clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    # clamp V itself, not V_old + clamp(V - V_old): inside the range V_clip is then V
+    # exactly, and the clipped error never exceeds the unclipped one by a rounding of
+    # V_old + (V - V_old) (frequent near 0, which would count as a clipped token)
+    clipped_values = torch.clamp(values, old_values - clip_eps, old_values + clip_eps)
     unclipped_error = (values - returns).pow(2)
     clipped_error = (clipped_values - returns).pow(2)
     loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)

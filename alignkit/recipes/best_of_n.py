@@ -274,7 +274,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
 
     device = resolve_device(config.device)
     reward_fn = build_reward(config.reward, device=device)
-    gold_fn = task_gold(config.task)
+    gold_fn = task_gold(config.task, device)
     check_output_dir(config.output_dir, overwrite, resume=False)
     model = load_policy(config.model, device=device)
     model.requires_grad_(False)

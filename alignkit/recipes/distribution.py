@@ -305,17 +305,25 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             loss, loss_metrics, policy_sums = session.forward(
                 estimator_loss, rollout, target, proposal_sums, log_partition
             )
+            logged = loss.detach()
+            if job.enabled:
+                # the loss is a mean over prompts (or their rows): this rank's share of
+                # the prompts. The logged loss and statistics (ess_fraction, advantage_std
+                # are not means) are those of the whole batch, from every rank's S_theta
+                loss = loss * (len(batch) / config.prompts_per_step)
+                all_policy_sums = torch.cat(job.gather(policy_sums))
+                logged, loss_metrics = distribution_matching_loss(
+                    config.algo,
+                    all_policy_sums,
+                    whole["target"],
+                    whole["proposal"],
+                    global_log_partition,
+                )
             part = {
-                "loss": float(loss.detach()),
+                "loss": float(logged),
                 "grad_norm": 0.0,  # set after the step
                 **{k: float(v) for k, v in loss_metrics.items()},
             }
-            if job.enabled:
-                # means over prompts (or their rows): this rank's share of the prompts;
-                # ess_fraction and advantage_std are then rank means, not batch statistics
-                share = len(batch) / config.prompts_per_step
-                loss = loss * share
-                part = job.weighted_sum(part, share)
             check_finite(part["loss"], "loss", step, session.last_checkpoint)
             job.backward(loss)
             part["grad_norm"] = optimizer_update(
@@ -329,7 +337,8 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             parts.append(part)
         session.scheduler.step()
         # 5. KL(p* || pi) and KL(p* || q); GDC's proposal update
-        all_policy_sums = torch.cat(job.gather(policy_sums))
+        if not job.enabled:
+            all_policy_sums = policy_sums
         kl_policy, kl_proposal = forward_kls(
             whole["target"], whole["proposal"], all_policy_sums, global_log_partition
         )  # pi_theta as it was before the last update
@@ -343,7 +352,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             "loss_first": parts[0]["loss"],
             "kl_target_policy": kl_policy,
             "kl_target_proposal": kl_proposal,
-            "log_partition": float(log_partition.mean()),
+            "log_partition": float(global_log_partition.mean()),  # every prompt of the step
             "proposal_updates": float(schedule.updates),
             "response_length": float(everything.rollout.completion_lengths.float().mean()),
             "eos_fraction": float(everything.rollout.finished.float().mean()),

@@ -20,7 +20,7 @@ from alignkit.data import (
 from alignkit.logprobs import token_logps
 from alignkit.losses.preference import PAIRWISE_LOSS_SPECS, PAIRWISE_LOSSES, kto_loss
 from alignkit.models import is_lora, load_policy, load_tokenizer, reference_mode
-from alignkit.recipes.offline import console, fit, load_rows
+from alignkit.recipes.offline import console, fit, load_rows, start_job
 from alignkit.reference import cached_reference_logps, score_sequences
 from alignkit.training.common import TrainConfig, check_output_dir, start_run
 
@@ -133,6 +133,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         tokenize_unpaired if unpaired else tokenize_pairs,
     )
     model = load_policy(config.model, config.lora, config.torch_device())
+    job = start_job(config, model)  # distributed refusals, before any forward
     hyper = {
         "beta": config.beta,
         "label_smoothing": config.label_smoothing,
@@ -206,6 +207,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
 
     # 2. train, evaluate on the held-out rows, save
     return fit(
+        job=job,
         config=config,
         model=model,
         tokenizer=tokenizer,

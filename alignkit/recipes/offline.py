@@ -14,6 +14,7 @@ from rich.console import Console
 from alignkit.config import save_config
 from alignkit.models import is_lora, save_model
 from alignkit.training.common import TrainConfig
+from alignkit.training.distributed import Distributed, setup
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -102,8 +103,19 @@ def train_eval_indices(
     return split_holdout(train_count, eval_fraction, seed)
 
 
+def start_job(config: TrainConfig, model: torch.nn.Module) -> Distributed:
+    """Join the torchrun job, if any, and refuse a distributed setting it cannot run (no
+    ``distributed=`` on several processes, a batch that does not split over them, LoRA
+    under ``fsdp``): called once the model is loaded, before any forward pass (the
+    reference log-probs) and before any file or cache entry is written."""
+    job = setup(config.distributed, config.batch_size, device=config.torch_device())
+    job.refuse_lora(is_lora(model))
+    return job
+
+
 def fit(
     *,
+    job: Distributed,
     config: TrainConfig,
     model: torch.nn.Module,
     tokenizer: Any,
@@ -119,14 +131,13 @@ def fit(
     extra_summary: dict[str, Any] | None = None,
     output_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Optimise ``compute_loss`` over the train rows, evaluate on the held-out rows, save."""
+    """Optimise ``compute_loss`` over the train rows, evaluate on the held-out rows, save.
+    ``job`` is :func:`start_job`'s."""
     from alignkit.training.common import prepare_output_dir, seed_everything
-    from alignkit.training.distributed import main_first, setup
+    from alignkit.training.distributed import main_first
     from alignkit.training.loop import BatchPlan, evaluate_batches, train_loop
     from alignkit.training.optim import build_optimizer
 
-    job = setup(config.distributed, config.batch_size, device=config.torch_device())
-    job.refuse_lora(is_lora(model))
     if output_dir is None:
         with main_first(job) as is_main:
             output_dir = (

@@ -168,13 +168,14 @@ def load_prompts(task: str, data: str) -> tuple[list[Prompt], list[Prompt]]:
     return train, held_out
 
 
-def task_gold(task: str) -> RewardFn | None:
-    """The task's gold judge (prompts, completions) -> (N,), or None."""
+def task_gold(task: str, device: torch.device | str = "cpu") -> RewardFn | None:
+    """The task's gold judge (prompts, completions) -> (N,), or None; a judge that runs
+    a model of its own (the harmless task's encoder) runs it on ``device``."""
     if not task:
         return None
     from alignkit.tasks import get_task
 
-    return getattr(get_task(task), "gold", None)
+    return get_task(task).gold_on(device)
 
 
 class PromptSampler:

@@ -76,7 +76,7 @@ def load_run_inputs(config: OnlineConfig) -> RunInputs:
         eval_prompts=eval_prompts,
         eval_ids=encode_prompts(tokenizer, eval_prompts, config.max_prompt_length),
         reward_fn=reward_fn,
-        gold_fn=task_gold(config.task),
+        gold_fn=task_gold(config.task, config.torch_device()),
     )
 
 

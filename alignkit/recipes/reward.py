@@ -13,7 +13,7 @@ from alignkit.data import collate_pairs, load_preferences, tokenize_pairs
 from alignkit.logprobs import last_token_states
 from alignkit.losses.preference import bradley_terry_loss
 from alignkit.models import load_reward_backbone, load_tokenizer
-from alignkit.recipes.offline import fit, load_rows
+from alignkit.recipes.offline import fit, load_rows, start_job
 from alignkit.training.common import TrainConfig, start_run
 
 
@@ -94,6 +94,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     rows, train_ids, eval_ids = load_rows(config, tokenizer, load_preferences, tokenize_pairs)
     # 1. model: backbone + fresh linear head to one score
     model = load_reward_backbone(config.model, config.lora, config.torch_device())
+    job = start_job(config, model)  # distributed refusals, before any forward
 
     def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
         return collate_pairs([rows[i] for i in indices], tokenizer.pad_token_id)
@@ -101,6 +102,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     lengths = [len(r.prompt_ids) + max(len(r.chosen_ids), len(r.rejected_ids)) for r in rows]
     # 2. train, evaluate on the held-out pairs, save
     return fit(
+        job=job,
         config=config,
         model=model,
         tokenizer=tokenizer,

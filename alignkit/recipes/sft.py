@@ -12,7 +12,7 @@ from alignkit.config import doc
 from alignkit.data import collate_sft, load_sft, tokenize_sft
 from alignkit.logprobs import token_logps
 from alignkit.models import load_policy, load_tokenizer
-from alignkit.recipes.offline import fit, load_rows
+from alignkit.recipes.offline import fit, load_rows, start_job
 from alignkit.training.common import TrainConfig, start_run
 
 
@@ -46,11 +46,13 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     fmt = None if config.data_format == "auto" else config.data_format
     rows, train_ids, eval_ids = load_rows(config, tokenizer, load_sft, tokenize_sft, format=fmt)
     model = load_policy(config.model, config.lora, config.torch_device())
+    job = start_job(config, model)  # distributed refusals, before any forward
 
     def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
         return collate_sft([rows[i] for i in indices], tokenizer.pad_token_id)
 
     return fit(
+        job=job,
         config=config,
         model=model,
         tokenizer=tokenizer,

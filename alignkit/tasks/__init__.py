@@ -11,7 +11,9 @@ judge.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -40,6 +42,10 @@ class Task:
     gold: GoldJudge
     chat: bool
     description: str = ""
+
+    def gold_on(self, device: Any) -> GoldJudge:
+        """The gold judge, its own models (the harmless task's encoder) on ``device``."""
+        return judge_on(self.gold, device)
 
     def prompts(self, split: str = "train") -> list[Prompt]:
         """The split's prompts as the policy sees them: strings, or one-turn chats if ``chat``."""
@@ -161,6 +167,16 @@ def register_task(
     task = Task(name, train, evaluation, gold, chat, description)
     _REGISTERED[name] = task
     return task
+
+
+def judge_on(judge: GoldJudge, device: Any) -> GoldJudge:
+    """``judge`` with its ``device`` argument bound, when it takes one (a judge that runs
+    a model, such as the harmless task's); any other judge as it is."""
+    try:
+        takes_device = "device" in inspect.signature(judge).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        takes_device = False
+    return functools.partial(judge, device=device) if takes_device else judge
 
 
 def task_names() -> list[str]:

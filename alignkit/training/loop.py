@@ -169,6 +169,8 @@ def train_loop(
                         (loss / grad_accum).backward()
                 part = {"loss": float(loss.detach()), **{k: float(v) for k, v in part.items()}}
                 part = job.mean(part)
+                if "tokens" in part:  # a count: the global micro-batch's, not a rank's
+                    part["tokens"] *= job.world_size
                 if token_mean and "ppl" in part:
                     part["ppl"] = math.exp(part["loss"])
                 check_finite(part["loss"], "loss", step, last_checkpoint)

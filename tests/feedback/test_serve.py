@@ -3,6 +3,7 @@ streaming, errors; and the labeling app's chat mode rating the served model."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -126,3 +127,60 @@ def test_chat_mode_ratings_are_judgments_exported_per_user(people, served: str, 
         assert rows[0]["label"] is True
     else:
         assert rows[0]["chosen"][0]["content"] in item.completions
+
+
+def test_serve_refuses_device_cuda_without_cuda(tiny_model: str, capsys, monkeypatch) -> None:
+    """One line naming --device, exit 2, before the model is loaded."""
+    import torch
+
+    from alignkit.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["serve", tiny_model, "--device", device, "--port", "1"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, err
+        assert err.strip() == (
+            f"alignkit: command line: field '--device' is '{device}' but CUDA is not "
+            "available on this machine (use cpu or auto)"
+        ), err
+
+
+def test_serve_on_device_cpu_answers_as_the_in_process_server(
+    tiny_model: str, client: openai.OpenAI
+) -> None:
+    """``alignkit serve MODEL --device cpu`` as a process of its own: the base model's
+    greedy reply is the in-process server's (which runs on the CPU by default)."""
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import free_port
+
+    port = free_port()
+    argv = [sys.executable, "-m", "alignkit.cli", "serve", tiny_model, "--name", "base"]
+    argv += ["--device", "cpu", "--port", str(port), "--max-new-tokens", "12"]
+    repo = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+    }
+    process = subprocess.Popen(argv, cwd=repo, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        banner = process.stdout.readline()  # printed once the model is loaded
+        assert banner.startswith("serving base on http://127.0.0.1:"), banner
+        own = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+        models = None
+        for _ in range(100):  # uvicorn binds the port just after the banner
+            try:
+                models = [m.id for m in own.models.list().data]
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.1)
+        assert models == ["base"]
+        assert _greedy(own, "base") == _greedy(client, "base")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
