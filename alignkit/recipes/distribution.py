@@ -306,12 +306,12 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                 estimator_loss, rollout, target, proposal_sums, log_partition
             )
             logged = loss.detach()
+            all_policy_sums = torch.cat(job.gather(policy_sums))
             if job.enabled:
                 # the loss is a mean over prompts (or their rows): this rank's share of
                 # the prompts. The logged loss and statistics (ess_fraction, advantage_std
                 # are not means) are those of the whole batch, from every rank's S_theta
                 loss = loss * (len(batch) / config.prompts_per_step)
-                all_policy_sums = torch.cat(job.gather(policy_sums))
                 logged, loss_metrics = distribution_matching_loss(
                     config.algo,
                     all_policy_sums,
@@ -337,8 +337,6 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             parts.append(part)
         session.scheduler.step()
         # 5. KL(p* || pi) and KL(p* || q); GDC's proposal update
-        if not job.enabled:
-            all_policy_sums = policy_sums
         kl_policy, kl_proposal = forward_kls(
             whole["target"], whole["proposal"], all_policy_sums, global_log_partition
         )  # pi_theta as it was before the last update
