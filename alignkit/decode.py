@@ -211,12 +211,10 @@ class FastDecoder:
         parameters = list(model.parameters())
         if any(p.requires_grad for p in parameters) or not parameters:
             return None
-        device = parameters[0].device
-        bf16_ok = (
-            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        )
+        from alignkit.rollout import prepacking_supported  # (rollout imports this module)
+
         capacity = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-        if device.type != "cpu" or not bf16_ok or not _supported(model, capacity):
+        if not prepacking_supported(parameters[0].device) or not _supported(model, capacity):
             return None
         _BUILT.pop(model, None)
         with torch.no_grad():
