@@ -56,8 +56,8 @@ $(BENCH_VENV)/.installed: $(STAMP)
 # Every case against its peer, then the memory table (docs/benchmarks.md records both).
 bench: install $(BENCH_VENV)/.installed
 	-bash scripts/install-allocator.sh
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/run.py memory
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/run.py memory
 
 clean:
 	rm -rf $(VENV) build *.egg-info

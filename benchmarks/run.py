@@ -82,19 +82,26 @@ class Worker:
             self.process.wait(timeout=120)
 
 
-def alignkit_env() -> dict[str, str]:
-    """The environment ``alignkit`` re-executes itself in (allocator, threads).
+_SETTLED_ENV: dict[str, str] = {}
 
+
+def alignkit_env() -> dict[str, str]:
+    """The environment ``alignkit`` re-executes itself in (allocator, OpenMP waits).
+
+    Settled once, when the coordinator starts: ``runtime_env`` looks at how busy the
+    machine is, and later the benchmark's own workers would be what it sees.
     ``PYTHONPATH`` starts with this tree, so a worktree's worker runs its own alignkit,
     not the editable install the venv points at.
     """
-    from alignkit.cli import runtime_env
+    if not _SETTLED_ENV:
+        from alignkit.cli import runtime_env
 
-    env = runtime_env(dict(os.environ))
-    env = env if env is not None else dict(os.environ)
-    paths = [str(REPO), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    return env
+        env = runtime_env(dict(os.environ))
+        env = env if env is not None else dict(os.environ)
+        paths = [str(REPO), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        _SETTLED_ENV.update(env)
+    return dict(_SETTLED_ENV)
 
 
 def peer_env(args) -> dict[str, str]:
@@ -544,7 +551,15 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="alignkit-bench-"))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict = {"machine": machine(), "args": vars(args), "workdir": str(workdir)}
-    print(f"logs in {workdir}; load average {os.getloadavg()}", flush=True)
+    results["omp_wait_policy"] = {
+        "alignkit": alignkit_env().get("OMP_WAIT_POLICY", "default"),
+        "peer": peer_env(args).get("OMP_WAIT_POLICY", "default"),
+    }
+    print(
+        f"logs in {workdir}; load average {os.getloadavg()}; "
+        f"OMP_WAIT_POLICY {results['omp_wait_policy']}",
+        flush=True,
+    )
     if args.mode == "memory":
         from memory import memory_table
 

@@ -8,6 +8,7 @@ training loop waits at the gate, so every optimizer step is one measured unit.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -155,7 +156,8 @@ def main() -> None:
 
     import alignkit
 
-    emit("env", threads=torch.get_num_threads(), alignkit=alignkit.__file__)
+    policy = os.environ.get("OMP_WAIT_POLICY", "default")
+    emit("env", threads=torch.get_num_threads(), alignkit=alignkit.__file__, omp_wait_policy=policy)
     if case in ("dpo", "reward", "sft"):
         offline(case, params, gate)
     elif case in ("rl", "ppo"):

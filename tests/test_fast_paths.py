@@ -230,17 +230,43 @@ def test_dpo_run_fast_paths_match_plain_run(tiny_model, separable_prefs, tmp_pat
 def test_runtime_env_preloads_the_allocator_once(tmp_path):
     library = tmp_path / "libfakemalloc.so"
     library.write_bytes(b"")
-    env = cli.runtime_env({"ALIGNKIT_ALLOCATOR": str(library), "LD_PRELOAD": "/x/other.so"})
+    environ = {"ALIGNKIT_ALLOCATOR": str(library), "LD_PRELOAD": "/x/other.so"}
+    env = cli.runtime_env(environ, busy=lambda: True)
     assert env is not None
     assert env["LD_PRELOAD"] == f"{library}:/x/other.so"
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert cli.runtime_env(env) is None  # the re-executed process does not loop
+    idle = cli.runtime_env(environ, busy=lambda: False)
+    assert "OMP_WAIT_POLICY" not in idle and idle["LD_PRELOAD"] == env["LD_PRELOAD"]
+
+    def not_asked() -> bool:
+        raise AssertionError("the user's OMP_WAIT_POLICY wins: no need to look")
+
     settled = {"ALIGNKIT_ALLOCATOR": "system", "OMP_WAIT_POLICY": "ACTIVE"}
-    assert cli.runtime_env(settled) is None  # nothing to change: no re-exec
-    missing = cli.runtime_env({"ALIGNKIT_ALLOCATOR": str(tmp_path / "missing.so")})
+    assert cli.runtime_env(settled, busy=not_asked) is None  # nothing to change: no re-exec
+    missing = cli.runtime_env({"ALIGNKIT_ALLOCATOR": str(tmp_path / "missing.so")}, lambda: True)
     assert "LD_PRELOAD" not in missing and missing["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert cli.runtime_env({"ALIGNKIT_ALLOCATOR": "system"}, busy=lambda: False) is None
     found = cli.find_allocator({})
     assert found is None or os.path.isfile(found)
+
+
+def test_machine_busy_reads_other_work_from_a_cpu_sample(monkeypatch):
+    if os.path.exists("/proc/stat"):
+        busy, total = cli._cpu_ticks()
+        assert 0 < busy < total
+    cpus = os.cpu_count() or 1
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (2.0 * cpus, 0.1, 0.1))  # not read
+    samples = iter([(1000, 5000), (1000 + 30, 5000 + 100)])  # 30% of the sample busy
+    monkeypatch.setattr(cli, "_cpu_ticks", lambda: next(samples))
+    assert cli.machine_busy(sample_seconds=0.0)
+    samples = iter([(1000, 5000), (1000 + 20, 5000 + 100)])  # 20%: idle enough
+    monkeypatch.setattr(cli, "_cpu_ticks", lambda: next(samples))
+    assert not cli.machine_busy(sample_seconds=0.0)
+    monkeypatch.setattr(cli, "_cpu_ticks", lambda: None)  # no /proc/stat: the load decides
+    assert cli.machine_busy(sample_seconds=0.0)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.4 * cpus, 0.1, 0.1))
+    assert not cli.machine_busy(sample_seconds=0.0)
 
 
 def test_prepacked_linears_sample_the_autocast_tokens_and_logps(tiny_model):
