@@ -57,12 +57,20 @@ def _no_packing(monkeypatch):
         yield
 
 
+@pytest.fixture
+def always_pack(monkeypatch):
+    """The flat layout whatever its estimated cost (the tiny model is all overhead)."""
+    monkeypatch.setattr(logprobs, "_PACKING_GAIN", float("inf"))
+
+
 def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_pairs_share_their_prompt_with_identical_logps_and_grads(tiny_model, attention):
+def test_pairs_share_their_prompt_with_identical_logps_and_grads(
+    tiny_model, attention, always_pack
+):
     model = load_policy(tiny_model)
     model.config._attn_implementation = attention
     batch = collate_pairs(_pairs(), pad_id=0)
@@ -71,7 +79,7 @@ def test_pairs_share_their_prompt_with_identical_logps_and_grads(tiny_model, att
     scored[:, 0] = False
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     packing = logprobs._pack_shared_prompts(model.model, args[0], args[1], scored, positions)
-    assert packing is not None and packing.input_ids.shape[0] == 3  # one sequence per pair
+    assert packing is not None and packing.groups == 3  # one prompt per pair
     assert packing.input_ids.numel() < batch["input_ids"].numel()
 
     fast = token_logps(model, *args, with_entropy=True)
@@ -87,7 +95,7 @@ def test_pairs_share_their_prompt_with_identical_logps_and_grads(tiny_model, att
         assert torch.allclose(fast_grads[name], grad, atol=1e-6, rtol=1e-4), name
 
 
-def test_samples_of_a_left_padded_prompt_share_it(tiny_model):
+def test_samples_of_a_left_padded_prompt_share_it(tiny_model, always_pack):
     """Rollout layout: left-padded prompts, k samples each, completions padded after EOS."""
     model = load_policy(tiny_model)
     generator = torch.Generator().manual_seed(1)
@@ -104,12 +112,50 @@ def test_samples_of_a_left_padded_prompt_share_it(tiny_model):
         attention_mask[row, width - len(prompt) : width + length] = 1
         completion_mask[row, width : width + length] = 1
     args = (input_ids, attention_mask, completion_mask)
+    scored = completion_mask.bool()
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    packing = logprobs._pack_shared_prompts(
+        model.model, input_ids, attention_mask, scored, positions
+    )
+    assert packing.groups == 2 and packing.input_ids.shape == (1, 11 + 6 + sum(range(3, 9)))
     fast = token_logps(model, *args, temperature=0.7, with_entropy=True)
     with _no_packing(pytest.MonkeyPatch()):
         plain = token_logps(model, *args, temperature=0.7, with_entropy=True)
     assert torch.allclose(fast.logps, plain.logps, atol=1e-5)
     assert torch.allclose(fast.entropy, plain.entropy, atol=1e-5)
     assert (fast.logps[completion_mask == 0] == 0).all()
+
+
+def test_flat_layout_is_chosen_where_it_saves_work():
+    """The cost model on the embedded model's shape: HH-like pairs pack, one bare row not."""
+    from types import SimpleNamespace
+
+    backbone = torch.nn.Module()
+    backbone.config = SimpleNamespace(
+        _attn_implementation="sdpa", hidden_size=576, intermediate_size=1536
+    )
+    pairs = [
+        TokenizedPair(list(range(5, 5 + n)), [7] * c, [8] * r, None)
+        for n, c, r in [(180, 60, 90), (40, 120, 30), (300, 20, 25), (90, 90, 90)]
+    ]
+    batch = collate_pairs(pairs, pad_id=0)
+    scored = batch["completion_mask"].bool()
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    args = (batch["input_ids"], batch["attention_mask"], scored, positions)
+    packing = logprobs._pack_shared_prompts(backbone, *args)
+    real = int(batch["attention_mask"].sum())
+    prompts = 180 + 40 + 300 + 90
+    assert packing.groups == 4 and packing.input_ids.shape == (1, real - prompts)
+    # chosen's call covers prompt and chosen; rejected's its own tokens over the prompt
+    assert [(b - a, mask is None) for a, b, _, mask in packing.calls][:2] == [
+        (240, True),
+        (90, False),
+    ]
+    row = torch.arange(5, 25)[None]
+    alone = logprobs._pack_shared_prompts(
+        backbone, row, torch.ones_like(row), torch.ones_like(row).bool(), torch.arange(20)[None]
+    )
+    assert alone is None  # nothing to share, no padding: the plain forward
 
 
 def test_bf16_weights_give_autocast_losses_and_fp32_grads(tiny_model):
@@ -210,6 +256,7 @@ def _dpo_losses(tiny_model, data, out) -> list[float]:
 def test_dpo_run_fast_paths_match_plain_run(tiny_model, separable_prefs, tmp_path, monkeypatch):
     """The recipe end to end: packing + bf16 weights + fused AdamW vs none of them."""
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache-fast"))
+    monkeypatch.setattr(logprobs, "_PACKING_GAIN", float("inf"))
     fast = _dpo_losses(tiny_model, separable_prefs, tmp_path / "fast")
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache-plain"))
     monkeypatch.setattr(logprobs, "_PACKING_GAIN", 0.0)
@@ -346,7 +393,7 @@ def test_bucketed_prefill_bf16_logits_and_cache_within_tolerance(tiny_model, mon
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_reward_scores_share_the_prompt_with_the_plain_forwards_numbers(
-    tiny_model, lora, monkeypatch
+    tiny_model, lora, monkeypatch, always_pack
 ):
     """The packed reward forward gives the classifier's own scores and gradients."""
     from alignkit.models import LoraSettings, load_reward_backbone
@@ -362,7 +409,7 @@ def test_reward_scores_share_the_prompt_with_the_plain_forwards_numbers(
 
     def spy(*pack_args):
         packing = pack(*pack_args)
-        packed_rows.append(None if packing is None else packing.input_ids.shape[0])
+        packed_rows.append(None if packing is None else packing.groups)
         return packing
 
     monkeypatch.setattr(logprobs, "_pack_shared_prompts", spy)

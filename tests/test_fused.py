@@ -111,7 +111,7 @@ def test_reward_step_same_loss_and_gradients_with_half_the_mlp_activations(tiny_
     assert torch.equal(losses[0], losses[1])  # the forward is the same ops
     # not saved any more, per layer: silu(gate) and its product with up, (tokens, 128)
     # bf16 each; each norm's fp32 input and bf16 output for its bf16 input, (tokens, 64)
-    tokens = input_ids.numel()
+    tokens = int(attention_mask.sum())  # the forward runs the real tokens only (logprobs.py)
     assert saved[0] - saved[1] >= 2 * (2 * tokens * 128 * 2 + 2 * tokens * 64 * (4 + 2 - 2))
     for (name, a), b in zip(fused.named_parameters(), model.parameters(), strict=True):
         if b.grad is None:

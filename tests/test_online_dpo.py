@@ -29,8 +29,10 @@ def test_pair_batches_are_seeded_and_sized():
 def test_rounds_raise_the_toy_reward(tiny_model, tmp_path, capsys):
     out = tmp_path / "odpo"
     args = ["online-dpo", f"model={tiny_model}", f"output_dir={out}", *TINY_ONLINE]
-    args += ["max_steps=4", "samples_per_prompt=4", "dpo_steps=4", "batch_size=4"]
-    args += ["beta=0.1", "lr=3e-2"]
+    args += ["max_steps=6", "samples_per_prompt=4", "dpo_steps=4", "batch_size=4"]
+    # fp32: 6 rounds at this rate are chaotic, and bf16 would make the outcome hang on
+    # which kernels round where (the packed and plain forwards round differently)
+    args += ["beta=0.1", "lr=3e-2", "bf16=false"]
     code, err = run_cli(args, capsys)
     assert code == 0, err
     rows = metrics(out)
