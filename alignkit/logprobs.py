@@ -44,16 +44,17 @@ class _Packing:
     """The batch's real tokens as one flat sequence, rows sharing a prompt sharing it.
 
     ``calls`` is the attention plan, one entry per row of the batch that has tokens of
-    its own: (query start, query end, key spans, mask). The first row of a group
-    attends causally over ``[prompt, its completion]`` (contiguous, ``is_causal``);
-    each further row's completion attends to the prompt and to itself (mask None for
-    the first kind; a (queries, keys) bool mask for the second).
+    its own: (query start, query end, key spans, mask, the call whose piece holds the
+    prompt). The first row of a group attends causally over ``[prompt, its
+    completion]`` (one piece, ``is_causal``, mask None); each further row's completion
+    attends to the prompt (the head of its group's first piece) and to itself (a
+    (queries, keys) bool mask). The query ranges tile the flat sequence in order.
     """
 
     input_ids: torch.Tensor  # (1, N)
     position_ids: torch.Tensor  # (1, N)
     index: torch.Tensor  # (B, T) long: flat index into N of each original (real) position
-    calls: list[tuple[int, int, list[tuple[int, int]], torch.Tensor | None]]
+    calls: list[tuple[int, int, list[tuple[int, int]], torch.Tensor | None, int]]
     groups: int  # sequences that share a prompt (or rows alone)
 
 
@@ -78,16 +79,21 @@ def _varlen_attention(
     calls = getattr(attention_mask, "alignkit_calls", None)
     if calls is None:
         raise RuntimeError("alignkit's flat attention ran without its plan")
+    # One split per tensor, not a slice per call: autograd then joins the pieces'
+    # gradients with one cat instead of adding a full-size zero-padded tensor per slice.
+    sizes = [stop - start for start, stop, _, _, _ in calls]
+    queries = query.split(sizes, dim=2)
+    key_pieces, value_pieces = key.split(sizes, dim=2), value.split(sizes, dim=2)
     outputs = []
-    for start, stop, spans, mask in calls:
-        if len(spans) == 1:
-            keys, values = (t[:, :, spans[0][0] : spans[0][1]] for t in (key, value))
-        else:
-            keys = torch.cat([key[:, :, a:b] for a, b in spans], dim=2)
-            values = torch.cat([value[:, :, a:b] for a, b in spans], dim=2)
+    for number, (_, _, spans, mask, piece) in enumerate(calls):
+        keys, values = key_pieces[number], value_pieces[number]
+        if len(spans) > 1:  # the prompt: the head of its group's first piece
+            head = slice(0, spans[0][1] - spans[0][0])
+            keys = torch.cat([key_pieces[piece][:, :, head], keys], dim=2)
+            values = torch.cat([value_pieces[piece][:, :, head], values], dim=2)
         outputs.append(
             torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, start:stop],
+                queries[number],
                 keys,
                 values,
                 attn_mask=mask,
@@ -176,6 +182,7 @@ def _pack_shared_prompts(
         flat_positions.append(position_ids[head, prompt_columns])
         prompt_span = (offset, offset + prompt)
         offset += prompt
+        first_call = len(calls)
         for number, row in enumerate(rows):
             own_columns = columns[start:][real[row, start:]]
             span = (offset, offset + len(own_columns))
@@ -184,12 +191,14 @@ def _pack_shared_prompts(
             index[row, prompt_columns] = torch.arange(*prompt_span)
             index[row, own_columns] = torch.arange(*span)
             if number == 0 and span[1] > prompt_span[0]:  # prompt + first completion, causal
-                calls.append((prompt_span[0], span[1], [(prompt_span[0], span[1])], None))
+                piece = [(prompt_span[0], span[1])]
+                calls.append((prompt_span[0], span[1], piece, None, first_call))
             elif span[1] > span[0]:  # the prompt, then itself causally
                 n = span[1] - span[0]
                 mask = torch.ones((n, prompt + n), dtype=torch.bool)
                 mask[:, prompt:] = torch.ones((n, n), dtype=torch.bool).tril()
-                calls.append((span[0], span[1], [prompt_span, span], mask.to(input_ids.device)))
+                mask = mask.to(input_ids.device)
+                calls.append((span[0], span[1], [prompt_span, span], mask, first_call))
             offset = span[1]
     device = input_ids.device
     return _Packing(

@@ -50,10 +50,12 @@ def overrides(params: dict, out: Path) -> list[str]:
 
 
 def model_flops(model_dir: str):
-    """FLOPs of a training step per token through the backbone and per scored token.
+    """FLOPs of a training step: per token, per scored token, per attended pair.
 
-    6 x (non-embedding parameters) per token for forward + backward, and 6 x (V x H) per
-    token that goes through the LM head. Attention score FLOPs are left out.
+    6 x (non-embedding parameters) per token for forward + backward; 6 x (V x H) per
+    token that goes through the LM head; 12 x (heads x head_dim) per layer for each
+    (query, key) pair causal attention needs (scores and weighted values, forward and
+    backward; the blocks a causal kernel can skip are not counted).
     """
     from transformers import AutoConfig
 
@@ -62,18 +64,28 @@ def model_flops(model_dir: str):
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = h // heads
     per_layer = h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * i
-    return 6 * per_layer * layers, 6 * config.vocab_size * h
+    per_pair = 12 * heads * head_dim * layers
+    return 6 * per_layer * layers, 6 * config.vocab_size * h, per_pair
 
 
-def unique_tokens(batch, pairs: bool) -> tuple[int, int]:
-    """(tokens the model must see, tokens scored): a pair's prompt counts once."""
+def unique_tokens(batch, pairs: bool) -> tuple[int, int, int]:
+    """(tokens the model must see, tokens scored, causal attention pairs).
+
+    A pair's prompt counts once: chosen attends over [prompt, chosen] causally,
+    rejected over the prompt and itself.
+    """
     mask = batch["attention_mask"]
     scored = int(batch["completion_mask"][:, 1:].sum())
+    lengths = mask.sum(-1).tolist()
     if not pairs:
-        return int(mask.sum()), scored
+        return int(mask.sum()), scored, sum(n * (n + 1) // 2 for n in lengths)
     half = mask.shape[0] // 2
-    prompt = (mask.sum(-1) - batch["completion_mask"].sum(-1))[:half]
-    return int(mask.sum() - prompt.sum()), scored
+    prompts = (mask.sum(-1) - batch["completion_mask"].sum(-1))[:half].tolist()
+    attended = 0
+    for chosen, rejected, prompt in zip(lengths[:half], lengths[half:], prompts, strict=True):
+        own = rejected - prompt
+        attended += chosen * (chosen + 1) // 2 + own * prompt + own * (own + 1) // 2
+    return int(mask.sum()) - int(sum(prompts)), scored, attended
 
 
 def offline(case: str, params: dict, gate: Gate) -> None:
@@ -82,13 +94,14 @@ def offline(case: str, params: dict, gate: Gate) -> None:
     from alignkit.recipes import dpo, reward, sft
 
     module = {"dpo": dpo, "reward": reward, "sft": sft}[case]
-    per_token, per_scored = model_flops(resolve_model(params.get("model", "smollm2-135m-instruct")))
+    model_dir = resolve_model(params.get("model", "smollm2-135m-instruct"))
+    per_token, per_scored, per_pair = model_flops(model_dir)
 
     def flops(batch) -> float:
         if case == "reward":
             return 0.0
-        tokens, scored = unique_tokens(batch, pairs=case == "dpo")
-        return float(per_token * tokens + per_scored * scored)
+        tokens, scored, attended = unique_tokens(batch, pairs=case == "dpo")
+        return float(per_token * tokens + per_scored * scored + per_pair * attended)
 
     gated_fit(module, gate, lambda batch: int(batch["attention_mask"].sum()), flops)
     out = Path(tempfile.mkdtemp(prefix=f"bench-{case}-"))
