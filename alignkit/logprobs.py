@@ -273,6 +273,58 @@ def last_token_states(
     return hidden[index[rows, last]]
 
 
+class _HeadLogps(torch.autograd.Function):
+    """log softmax(states @ W.T / t)[target] for a chunk of states, in fewer passes.
+
+    Saves the bf16 (the weights' dtype) logits and the log-normaliser instead of
+    autograd's fp32 logits and exp, and builds the logits' gradient in place:
+    ``g * (onehot(target) - softmax) / t``. The same operations as the plain path
+    forward; backward within rounding of autograd's (tests/test_logprobs.py).
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, targets, temperature: float, with_entropy: bool):
+        logits = torch.nn.functional.linear(states, weight)  # (n, V) in the weights' dtype
+        wide = logits.float()
+        if temperature != 1.0:
+            wide = wide / temperature
+        log_norm = torch.logsumexp(wide, dim=-1)  # (n,)
+        logp = wide.gather(-1, targets[:, None]).squeeze(-1) - log_norm
+        entropy = None
+        if with_entropy:
+            entropy = log_norm - (torch.softmax(wide, dim=-1) * wide).sum(-1)
+            ctx.mark_non_differentiable(entropy)
+        del wide
+        ctx.save_for_backward(states, weight, targets, logits, log_norm)
+        ctx.temperature = temperature
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        states, weight, targets, logits, log_norm = ctx.saved_tensors
+        temperature = ctx.temperature
+        scale = grad_logp / temperature  # (n,)
+        grad = logits.float()
+        if temperature != 1.0:
+            grad.div_(temperature)
+        grad.sub_(log_norm[:, None]).exp_().mul_(-scale[:, None])  # -g softmax / t
+        grad.scatter_add_(-1, targets[:, None], scale[:, None])  # + g onehot / t
+        grad = grad.to(weight.dtype)
+        grad_states = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t() @ states if ctx.needs_input_grad[1] else None
+        return grad_states, grad_weight, None, None, None
+
+
+def _fusable_head(head: nn.Module, states: torch.Tensor) -> bool:
+    """A bias-free linear head whose weight has the states' dtype (and autocast's, if on)."""
+    if type(head) is not nn.Linear or head.bias is not None:
+        return False
+    dtype, device = head.weight.dtype, states.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != dtype:
+        return False  # autocast casts fp32 weights for the matmul: the plain path
+    return dtype == states.dtype
+
+
 def token_logps(
     model: nn.Module,
     input_ids: torch.Tensor,  # (B, T)
@@ -302,13 +354,24 @@ def token_logps(
         states = hidden[index[rows, cols - 1]]
     targets = input_ids[rows, cols]  # (N,)
     picked, entropies = [], []
+    fused = _fusable_head(head, states)
     for start in range(0, states.shape[0], chunk_size):
-        logits = head(states[start : start + chunk_size]).float()  # (n, V)
+        chunk, chunk_targets = (
+            states[start : start + chunk_size],
+            targets[start : start + chunk_size],
+        )
+        if fused:
+            logp, chunk_entropy = _HeadLogps.apply(
+                chunk, head.weight, chunk_targets, temperature, with_entropy
+            )
+            picked.append(logp)
+            entropies.append(chunk_entropy)
+            continue
+        logits = head(chunk).float()  # (n, V)
         if temperature != 1.0:
             logits = logits / temperature
         log_norm = torch.logsumexp(logits, dim=-1)  # (n,)
-        target_logits = logits.gather(-1, targets[start : start + chunk_size, None]).squeeze(-1)
-        picked.append(target_logits - log_norm)
+        picked.append(logits.gather(-1, chunk_targets[:, None]).squeeze(-1) - log_norm)
         if with_entropy:
             probs = torch.softmax(logits, dim=-1)
             entropies.append(log_norm - (probs * logits).sum(-1))

@@ -52,3 +52,38 @@ def test_entropy_of_uniform_head_is_log_vocab(tiny_model):
     assert torch.allclose(
         got.logps[0, 1:], torch.full((5,), -float(torch.log(torch.tensor(vocab)))), atol=1e-4
     )
+
+
+def _loss_and_grads(model, args, temperature):
+    model.zero_grad()
+    got = token_logps(model, *args, temperature=temperature, chunk_size=4, with_entropy=True)
+    weights = torch.linspace(-1.0, 2.0, got.logps.numel()).reshape(got.logps.shape)
+    (got.logps * weights).sum().backward()  # a different weight on every position's log-prob
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return got, grads
+
+
+def test_fused_head_gives_autograds_logps_entropies_and_gradients(tiny_model, monkeypatch):
+    from alignkit import logprobs
+    from alignkit.models import bf16_compute
+
+    torch.manual_seed(1)
+    model = load_policy(tiny_model)
+    input_ids = torch.randint(3, 2000, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, :3] = 0
+    target_mask = torch.zeros_like(input_ids)
+    target_mask[:, 5:] = 1
+    args = (input_ids, attention_mask, target_mask)
+    for bf16 in (False, True):
+        with bf16_compute(model, enabled=bf16):
+            fused, fused_grads = _loss_and_grads(model, args, 0.7)
+            with monkeypatch.context() as patch:
+                patch.setattr(logprobs, "_fusable_head", lambda head, states: False)
+                plain, plain_grads = _loss_and_grads(model, args, 0.7)
+        assert torch.equal(fused.logps, plain.logps)  # the forward is the same operations
+        assert torch.allclose(fused.entropy, plain.entropy, atol=1e-5)
+        assert fused_grads.keys() == plain_grads.keys() and len(fused_grads) > 0
+        for name, grad in plain_grads.items():
+            tolerance = 2e-2 * grad.abs().max() + 1e-6 if bf16 else 1e-6 + 1e-5 * grad.abs().max()
+            assert (fused_grads[name] - grad).abs().max() <= tolerance, (name, bf16)
