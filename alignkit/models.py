@@ -433,6 +433,10 @@ def bf16_compute(model: torch.nn.Module, enabled: bool | None = None) -> Iterato
     The fp32 weights stay the master copy (the optimizer, checkpoints and saved models
     only ever see them): on exit they are put back, and the bf16 gradients computed in
     the block are added to their fp32 ``.grad``. Run forward *and* backward inside.
+    An embedding no linear shares its weight with (a reward model's) keeps its fp32
+    weight and returns its rows cast to bf16, the same values: its fp32 gradient
+    comes straight from the lookup's backward, with no bf16 copy of the table (49,152
+    x 576 on SmolLM2) made and cast back at every step.
 
     Under autocast alone the residual stream, the norms and the rotary embedding stay
     fp32 and every weight is cast again at each use; here all activations are bf16,
@@ -445,9 +449,12 @@ def bf16_compute(model: torch.nn.Module, enabled: bool | None = None) -> Iterato
         yield
         return
     swapped: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor | None]] = []
+    tables = _untied_embeddings(model)
+    kept = {id(table.weight) for table in tables}
+    hooks = [table.register_forward_hook(_rows_to_bf16) for table in tables]
     with torch.no_grad():
         for parameter in model.parameters():
-            if parameter.dtype != torch.float32:
+            if parameter.dtype != torch.float32 or id(parameter) in kept:
                 continue
             swapped.append((parameter, parameter.data, parameter.grad))
             parameter.grad = None
@@ -455,6 +462,8 @@ def bf16_compute(model: torch.nn.Module, enabled: bool | None = None) -> Iterato
     try:
         yield
     finally:
+        for hook in hooks:
+            hook.remove()
         with torch.no_grad():
             for parameter, master, old_grad in swapped:
                 new_grad = parameter.grad
@@ -466,6 +475,22 @@ def bf16_compute(model: torch.nn.Module, enabled: bool | None = None) -> Iterato
                     parameter.grad = new_grad.to(torch.float32)
                 else:
                     parameter.grad = old_grad.add_(new_grad)
+
+
+def _untied_embeddings(model: torch.nn.Module) -> list[torch.nn.Embedding]:
+    """The fp32 embeddings of ``model`` whose weight no linear layer also uses."""
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return [
+        m
+        for m in model.modules()
+        if type(m) is torch.nn.Embedding
+        and m.weight.dtype == torch.float32
+        and id(m.weight) not in shared
+    ]
+
+
+def _rows_to_bf16(module: torch.nn.Module, args: tuple, rows: torch.Tensor) -> torch.Tensor:
+    return rows.to(torch.bfloat16)
 
 
 def count_trainable(model: torch.nn.Module) -> int:

@@ -66,28 +66,39 @@ class SwiGLU(torch.autograd.Function):
 
 
 class RMSNorm(torch.autograd.Function):
-    """``weight * (x / rms(x))`` computed in fp32 as the HF module does, saving x and 1 / rms."""
+    """``weight * (x / rms(x))`` computed in fp32 as the HF module does, saving x and 1 / rms.
+
+    Forward and backward write few full-size tensors: the fp32 copy of ``x`` is
+    squared in place, and products are rounded to bf16 as they are written
+    (``torch.mul(..., out=)``), which is where the HF module rounds them.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):  # x (..., H) bf16, weight (H,)
-        exact = x.to(_wide(x))
-        scale = torch.rsqrt(exact.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        squares = x.to(_wide(x), copy=True)  # (squared in place below)
+        variance = squares.pow_(2).mean(-1, keepdim=True)  # (..., 1)
+        del squares
+        scale = torch.rsqrt(variance + eps)
         ctx.save_for_backward(x, scale, weight)
-        return weight * (exact * scale).to(x.dtype)
+        normed = torch.mul(x, scale, out=torch.empty_like(x))  # (x * scale) in fp32, rounded
+        return normed.mul_(weight)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, scale, weight = ctx.saved_tensors
-        normed = x.to(_wide(x)) * scale  # (..., H) recomputed
         grad_weight = None
         if ctx.needs_input_grad[1]:  # as autograd: in the output's dtype, summed over tokens
-            product = grad_out * normed.to(x.dtype)
-            grad_weight = product.reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+            normed = torch.mul(x, scale, out=torch.empty_like(x))  # the forward's, recomputed
+            grad_weight = normed.mul_(grad_out).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+            del normed
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_normed = (grad_out * weight).to(normed.dtype)  # the product, then upcast
+            grad_normed = (grad_out * weight).to(_wide(x))  # the product, then upcast
+            normed = x.to(grad_normed.dtype, copy=True).mul_(scale)  # (..., H) fp32, recomputed
             mean = (grad_normed * normed).mean(-1, keepdim=True)  # (..., 1)
-            grad_x = (torch.addcmul(grad_normed, normed, mean, value=-1) * scale).to(x.dtype)
+            grad_x = torch.mul(
+                grad_normed.addcmul_(normed, mean, value=-1), scale, out=x.new_empty(x.shape)
+            )
         return grad_x, grad_weight, None
 
 
