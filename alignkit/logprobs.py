@@ -61,6 +61,9 @@ class _Packing:
 # The flat layout is used only when its estimated cost is below this share of the
 # plain batch's (the plan building and the per-row attention calls are not free).
 _PACKING_GAIN = 0.85
+# Model types whose attention is plain causal softmax attention (with rotary positions),
+# which the flat layout's per-row calls reproduce.
+_PLAIN_ATTENTION = ("llama", "mistral", "qwen2")
 # The attention function of the flat layout, as transformers' AttentionInterface knows it.
 _VARLEN = "alignkit_varlen"
 
@@ -131,6 +134,11 @@ def _pack_shared_prompts(
     config = getattr(backbone, "config", None)
     implementation = getattr(config, "_attn_implementation", None)
     if implementation not in ("sdpa", "eager") or input_ids.device.type != "cpu":
+        return None
+    if getattr(config, "model_type", None) not in _PLAIN_ATTENTION:
+        return None  # softcapping, sliding windows, ...: the attention here would differ
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and width > window:
         return None
     if backbone._forward_hooks or backbone._forward_pre_hooks:
         return None  # a hook reads (B, T, H) states from the backbone: keep that layout

@@ -132,7 +132,7 @@ def test_flat_layout_is_chosen_where_it_saves_work():
 
     backbone = torch.nn.Module()
     backbone.config = SimpleNamespace(
-        _attn_implementation="sdpa", hidden_size=576, intermediate_size=1536
+        _attn_implementation="sdpa", hidden_size=576, intermediate_size=1536, model_type="llama"
     )
     pairs = [
         TokenizedPair(list(range(5, 5 + n)), [7] * c, [8] * r, None)
@@ -156,6 +156,12 @@ def test_flat_layout_is_chosen_where_it_saves_work():
         backbone, row, torch.ones_like(row), torch.ones_like(row).bool(), torch.arange(20)[None]
     )
     assert alone is None  # nothing to share, no padding: the plain forward
+    backbone.config.model_type = "gemma2"  # softcapped attention: not written here
+    assert logprobs._pack_shared_prompts(backbone, *args) is None
+    backbone.config.model_type, backbone.config.sliding_window = "mistral", 64
+    assert logprobs._pack_shared_prompts(backbone, *args) is None  # rows beyond the window
+    backbone.config.sliding_window = 4096
+    assert logprobs._pack_shared_prompts(backbone, *args) is not None
 
 
 def test_bf16_weights_give_autocast_losses_and_fp32_grads(tiny_model):
