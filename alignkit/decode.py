@@ -358,26 +358,29 @@ class FastDecoder:
         # (n, 1, 1, L): 0 where a row attends, -inf where it does not
         mask = torch.zeros(attention_mask.shape, dtype=dtype, device=hidden.device)
         mask = mask.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]
+        # buffers every layer reuses (each is read before the next layer writes it)
         rotated = hidden.new_empty((n, heads + kv_heads, head_dim), dtype=dtype)
-        query = rotated[:, :heads, None]  # (n, heads, 1, D)
+        query, key = rotated[:, :heads, None], rotated[:, heads:]  # (n, heads, 1, D), (n, kv, D)
+        normed = hidden.new_empty(hidden.shape, dtype=dtype)
         for layer, kv in zip(self.layers, cache.layers, strict=True):
-            qkv = layer.qkv.flat(self._normed(hidden, layer.input_norm, dtype))
-            rotating = qkv[:, :split].view(n, heads + kv_heads, head_dim)
+            qkv = layer.qkv.flat(self._normed(hidden, layer.input_norm, normed))
+            rotating = qkv.narrow(1, 0, split).view(n, heads + kv_heads, head_dim)
             torch.addcmul(rotating * cos, rotating.roll(half, -1), sin, out=rotated)
-            kv.append(rotated[:, heads:], qkv[:, split:].view(n, kv_heads, head_dim))
+            kv.append(key, qkv.narrow(1, split, kv_heads * head_dim).view(n, kv_heads, head_dim))
             attended = F.scaled_dot_product_attention(
                 query, kv.keys, kv.values, attn_mask=mask, enable_gqa=True
             )  # (n, heads, 1, D)
             hidden += layer.out.flat(attended.view(n, -1))
-            gate_up = layer.gate_up.flat(self._normed(hidden, layer.post_norm, dtype))
-            gate, up = gate_up.chunk(2, dim=-1)
+            gate_up = layer.gate_up.flat(self._normed(hidden, layer.post_norm, normed))
+            width = gate_up.shape[1] // 2
+            gate, up = gate_up.narrow(1, 0, width), gate_up.narrow(1, width, width)
             hidden += layer.down.flat(F.silu(gate).mul_(up))
-        return self.lm_head.flat(self._normed(hidden, self.final_norm, dtype)).float()
+        return self.lm_head.flat(self._normed(hidden, self.final_norm, normed)).float()
 
-    def _normed(self, hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype):
-        """RMSNorm of the fp32 ``hidden`` (n, H), computed in fp32 and written in ``dtype``."""
+    def _normed(self, hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor):
+        """RMSNorm of the fp32 ``hidden`` (n, H), computed in fp32, written into ``out``."""
         scale = hidden.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
-        return torch.mul(hidden * scale, weight, out=hidden.new_empty(hidden.shape, dtype=dtype))
+        return torch.mul(hidden * scale, weight, out=out)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

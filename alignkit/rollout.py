@@ -147,8 +147,8 @@ class _PreallocatedLayer(DynamicLayer):
         """Write one token's key and value per row, (N, heads, D) each, at the next slot."""
         if self.length >= self.capacity:
             raise RuntimeError(f"KV cache overflow: {self.length + 1} > capacity {self.capacity}")
-        self.key_buffer[:, :, self.length] = key_states
-        self.value_buffer[:, :, self.length] = value_states
+        self.key_buffer.select(2, self.length).copy_(key_states)
+        self.value_buffer.select(2, self.length).copy_(value_states)
         self.length += 1
         self._refresh_views()
 
@@ -169,8 +169,8 @@ class _PreallocatedLayer(DynamicLayer):
         self._refresh_views()
 
     def _refresh_views(self) -> None:
-        self.keys = self.key_buffer[:, :, : self.length]
-        self.values = self.value_buffer[:, :, : self.length]
+        self.keys = self.key_buffer.narrow(2, 0, self.length)
+        self.values = self.value_buffer.narrow(2, 0, self.length)
 
     def get_seq_length(self) -> int:
         return self.length
