@@ -213,6 +213,19 @@ def test_sample_frequencies_follow_the_tempered_filtered_distribution():
     assert math.isclose(float(logps[tokens == 1][0]), math.log(tempered[1]), abs_tol=1e-5)
 
 
+@pytest.mark.parametrize("vocab", [512, 1000])  # whole blocks of 256, and a padded one
+def test_unfiltered_sampling_draws_and_scores_as_the_softmax_would(vocab):
+    """The unfiltered path draws from exp(logits - max) and takes log-probs from its sum."""
+    logits = torch.randn(64, vocab, generator=torch.Generator().manual_seed(4)) * 4
+    params = SamplingParams(1, temperature=0.7)
+    tokens, logps = sample_tokens(logits, params, torch.Generator().manual_seed(9))
+    log_softmax = torch.log_softmax(logits / 0.7, -1)
+    assert torch.equal(tokens, draw(log_softmax.exp(), torch.Generator().manual_seed(9)))
+    expected = log_softmax.gather(-1, tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
+    assert logps.max() < 0 and logps.min() < -2  # real log-probs, not all near 0
+
+
 def test_draw_never_picks_zero_probability_tokens():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0], [1e-12, 0.0, 1.0, 0.0]])
     generator = torch.Generator().manual_seed(0)
