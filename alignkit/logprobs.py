@@ -6,15 +6,16 @@ states at completion positions are gathered, and the head runs over them in
 chunks, so only ``chunk_size x V`` logits exist at a time.
 
 The backbone sees the batch's real tokens only, as one flat sequence, when that
-saves work (on the CPU, with the sdpa or eager attention): no padding, and rows that
+saves work (on the CPU, for Llama, Mistral and Qwen2 models with the sdpa or eager
+attention): no padding, and rows that
 share a prompt (chosen and rejected of a DPO pair, the k samples of one prompt in a
 rollout) share its forward pass, ``[prompt, completion_1, ..., completion_k]``. The
 attention runs per row with the position ids each row had: the first row of a group
 causally over the prompt and its completion (``is_causal``, so the CPU kernel skips
 the blocks above the diagonal), each further completion over the prompt and itself.
 The model computes exactly the states of the plain batch, on fewer tokens and fewer
-attention scores. On HH-RLHF pairs at max_length 512 this cut a reward-model step by
-20% and a DPO step by 31% (docs/benchmarks.md).
+attention scores. On HH-RLHF pairs at max_length 512 this cut a reward-model step and
+a DPO step by about a third (docs/benchmarks.md).
 """
 
 from __future__ import annotations
