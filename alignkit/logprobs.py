@@ -114,8 +114,7 @@ def _varlen_attention(
 def _register_varlen() -> None:
     from transformers import AttentionInterface
 
-    if _VARLEN not in AttentionInterface._global_mapping:
-        AttentionInterface.register(_VARLEN, _varlen_attention)
+    AttentionInterface.register(_VARLEN, _varlen_attention)  # one dict entry, idempotent
 
 
 def _plain_cost(rows: int, width: int, hidden: int, per_token: float) -> float:
