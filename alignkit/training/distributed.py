@@ -18,6 +18,7 @@ format as a single-process run.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
@@ -387,9 +388,18 @@ def setup(
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # torn down before the interpreter is: a process group still alive at exit
+        # left gloo's threads to be destroyed unjoined, and a rank aborted (SIGABRT)
+        # after its run had finished
+        atexit.register(_leave_process_group)
     return Distributed(
         rank=dist.get_rank(), world_size=dist.get_world_size(), mode=mode, device=device
     )
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
