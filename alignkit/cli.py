@@ -19,6 +19,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 from collections.abc import Callable
 from types import ModuleType
 
@@ -98,8 +99,6 @@ def machine_busy(sample_seconds: float = 0.2) -> bool:
     average is at least half the CPU count. (The load average alone would lag: it stays
     high for a minute after alignkit's own previous command.)
     """
-    import time
-
     before = _cpu_ticks()
     if before is None:
         try:

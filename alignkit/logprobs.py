@@ -21,6 +21,7 @@ a DPO step by about a third (docs/benchmarks.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -40,22 +41,34 @@ def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
+class _Call(NamedTuple):
+    """One row's attention in the flat layout: its queries [start, stop) of the sequence.
+
+    The first row of a group: the prompt and its completion, causally (``prompt`` 0,
+    ``mask`` None, ``is_causal``). A further row: its completion's queries over the
+    group's first ``prompt`` tokens (the head of call ``piece``'s range) and then itself,
+    under ``mask`` (queries, prompt + queries).
+    """
+
+    start: int
+    stop: int
+    prompt: int
+    mask: torch.Tensor | None
+    piece: int
+
+
 @dataclass
 class _Packing:
     """The batch's real tokens as one flat sequence, rows sharing a prompt sharing it.
 
-    ``calls`` is the attention plan, one entry per row of the batch that has tokens of
-    its own: (query start, query end, key spans, mask, the call whose piece holds the
-    prompt). The first row of a group attends causally over ``[prompt, its
-    completion]`` (one piece, ``is_causal``, mask None); each further row's completion
-    attends to the prompt (the head of its group's first piece) and to itself (a
-    (queries, keys) bool mask). The query ranges tile the flat sequence in order.
+    ``calls`` is the attention plan, one :class:`_Call` per row of the batch that has
+    tokens of its own; their query ranges tile the flat sequence in order.
     """
 
     input_ids: torch.Tensor  # (1, N)
     position_ids: torch.Tensor  # (1, N)
     index: torch.Tensor  # (B, T) long: flat index into N of each original (real) position
-    calls: list[tuple[int, int, list[tuple[int, int]], torch.Tensor | None, int]]
+    calls: list[_Call]
     groups: int  # sequences that share a prompt (or rows alone)
 
 
@@ -85,16 +98,15 @@ def _varlen_attention(
         raise RuntimeError("alignkit's flat attention ran without its plan")
     # One split per tensor, not a slice per call: autograd then joins the pieces'
     # gradients with one cat instead of adding a full-size zero-padded tensor per slice.
-    sizes = [stop - start for start, stop, _, _, _ in calls]
+    sizes = [call.stop - call.start for call in calls]
     queries = query.split(sizes, dim=2)
     key_pieces, value_pieces = key.split(sizes, dim=2), value.split(sizes, dim=2)
     outputs = []
-    for number, (_, _, spans, mask, piece) in enumerate(calls):
+    for number, (_, _, prompt, mask, piece) in enumerate(calls):
         keys, values = key_pieces[number], value_pieces[number]
-        if len(spans) > 1:  # the prompt: the head of its group's first piece
-            head = slice(0, spans[0][1] - spans[0][0])
-            keys = torch.cat([key_pieces[piece][:, :, head], keys], dim=2)
-            values = torch.cat([value_pieces[piece][:, :, head], values], dim=2)
+        if prompt:  # the head of its group's first piece
+            keys = torch.cat([key_pieces[piece][:, :, :prompt], keys], dim=2)
+            values = torch.cat([value_pieces[piece][:, :, :prompt], values], dim=2)
         outputs.append(
             torch.nn.functional.scaled_dot_product_attention(
                 queries[number],
@@ -199,14 +211,13 @@ def _pack_shared_prompts(
             index[row, prompt_columns] = torch.arange(*prompt_span)
             index[row, own_columns] = torch.arange(*span)
             if number == 0 and span[1] > prompt_span[0]:  # prompt + first completion, causal
-                piece = [(prompt_span[0], span[1])]
-                calls.append((prompt_span[0], span[1], piece, None, first_call))
+                calls.append(_Call(prompt_span[0], span[1], 0, None, first_call))
             elif span[1] > span[0]:  # the prompt, then itself causally
                 n = span[1] - span[0]
                 mask = torch.ones((n, prompt + n), dtype=torch.bool)
                 mask[:, prompt:] = torch.ones((n, n), dtype=torch.bool).tril()
                 mask = mask.to(input_ids.device)
-                calls.append((span[0], span[1], [prompt_span, span], mask, first_call))
+                calls.append(_Call(span[0], span[1], prompt, mask, first_call))
             offset = span[1]
     device = input_ids.device
     return _Packing(

@@ -147,7 +147,7 @@ def test_flat_layout_is_chosen_where_it_saves_work():
     prompts = 180 + 40 + 300 + 90
     assert packing.groups == 4 and packing.input_ids.shape == (1, real - prompts)
     # chosen's call covers prompt and chosen; rejected's its own tokens over the prompt
-    assert [(b - a, mask is None) for a, b, _, mask, _ in packing.calls][:2] == [
+    assert [(c.stop - c.start, c.mask is None) for c in packing.calls][:2] == [
         (240, True),
         (90, False),
     ]
