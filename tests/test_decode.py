@@ -90,6 +90,31 @@ def test_fast_prefill_gives_the_hf_logits_and_cache(tiny_model, bf16):
             assert gap <= (2e-2 * theirs.float().abs().max() if bf16 else 1e-5)
 
 
+def _assert_same_samples(fast, plain) -> None:
+    """The same tokens, EOS stops and log-probs row by row, up to a rounding flip.
+
+    The two steps' fp32 logits differ by float rounding, so a uniform that lands within
+    that of a token's CDF boundary draws the neighbouring token id in one and not the
+    other. Such a row must agree up to the flip and flip to an adjacent id (a real
+    error draws an unrelated token); at most one row of a test may flip. Rows draw from
+    their own streams (``first_row``), so a flip leaves the other rows' draws alone.
+    """
+    flips = 0
+    for row in range(plain.num_rows):
+        differ = (fast.input_ids[row] != plain.input_ids[row]).nonzero()
+        stop = differ[0].item() if len(differ) else plain.input_ids.shape[1]
+        before = slice(0, stop)
+        assert torch.allclose(
+            fast.sampling_logps[row, before], plain.sampling_logps[row, before], atol=1e-5
+        )
+        if len(differ) == 0:
+            assert fast.completion_lengths[row] == plain.completion_lengths[row]
+            continue
+        flips += 1
+        assert abs(int(fast.input_ids[row, stop]) - int(plain.input_ids[row, stop])) == 1, row
+    assert flips <= 1
+
+
 def test_generate_samples_the_same_tokens_with_either_step_in_fp32(tiny_model):
     model = load_policy(tiny_model)
     tokenizer = load_tokenizer(tiny_model)
@@ -98,11 +123,10 @@ def test_generate_samples_the_same_tokens_with_either_step_in_fp32(tiny_model):
     # would stop rows early, so compaction is exercised by the low max length of some rows
     prompts = [torch.randint(5, 3000, (n,), generator=generator).tolist() for n in (11, 4, 30)]
     params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=2)
-    plain = generate(model, tokenizer, prompts, params, 3, bf16=False, fast_decode=False)
-    fast = generate(model, tokenizer, prompts, params, 3, bf16=False, fast_decode=True)
-    assert torch.equal(fast.input_ids, plain.input_ids)
-    assert torch.equal(fast.completion_mask, plain.completion_mask)
-    assert torch.allclose(fast.sampling_logps, plain.sampling_logps, atol=1e-5)
+    args = (model, tokenizer, prompts, params, 3)
+    plain = generate(*args, bf16=False, fast_decode=False, first_row=0)
+    fast = generate(*args, bf16=False, fast_decode=True, first_row=0)
+    _assert_same_samples(fast, plain)
     assert plain.completion_lengths.sum() >= 3 * 3 * 4  # tokens were sampled
 
 
@@ -113,17 +137,16 @@ def test_rows_that_stop_early_are_dropped_the_same_way(tiny_model):
     prompts = [[17, 300, 2051], [9, 9, 400, 41, 7]]
     params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=11)
     # the tokens the model samples most at the first step become "EOS" for this test
-    probe = generate(model, tokenizer, prompts, params, 4, bf16=False, fast_decode=False)
+    args = (model, tokenizer, prompts, params, 4)
+    probe = generate(*args, bf16=False, fast_decode=False, first_row=0)
     sampled = probe.input_ids[probe.completion_mask.bool()]
     common = torch.mode(sampled).values.item()
     model.generation_config.eos_token_id = [common]
-    plain = generate(model, tokenizer, prompts, params, 4, bf16=False, fast_decode=False)
-    fast = generate(model, tokenizer, prompts, params, 4, bf16=False, fast_decode=True)
+    plain = generate(*args, bf16=False, fast_decode=False, first_row=0)
+    fast = generate(*args, bf16=False, fast_decode=True, first_row=0)
     lengths = plain.completion_lengths
     assert lengths.min() < lengths.max()  # rows stopped at different steps
-    assert torch.equal(fast.input_ids, plain.input_ids)
-    assert torch.equal(fast.completion_lengths, lengths)
-    assert torch.allclose(fast.sampling_logps, plain.sampling_logps, atol=1e-5)
+    _assert_same_samples(fast, plain)
 
 
 def test_other_architectures_and_lora_keep_the_hf_forward(tiny_model):

@@ -253,7 +253,8 @@ ONLINE = {
         ("loss", "ess_fraction", "log_partition", "importance_weight_mean"),
     ),
     # one step: GDC++'s loss is a difference of terms ~400 times larger, so once one
-    # update has moved the weights by their rounding it differs by ~4e-5 (measured)
+    # update has moved the weights by their rounding it differs by ~4e-5 (measured);
+    # even its first loss matches only to the rounding of those terms (5.5e-5 seen)
     "gdcpp": (
         ["dm", "algo=gdcpp", "max_steps=1"],
         ("loss", "advantage_std", "log_partition", "baseline_mean"),
@@ -312,7 +313,10 @@ def test_online_recipes_two_processes_match_one(name, mode, tiny_model, tmp_path
     assert [r["step"] for r in got] == [r["step"] for r in expected]
     logged = {key for row in expected for key in row}
     assert set(keys) <= logged, set(keys) - logged  # the recipe's own statistics
-    assert _mismatches(expected, got) == []  # every logged key, under ddp and fsdp
+    # GDC++'s loss (~0.17) is a difference of terms ~68, where one fp32 rounding is ~8e-6:
+    # it can match only to ~20 roundings of those terms
+    rel = {"loss": 1e-3, "loss_first": 1e-3} if name == "gdcpp" else None
+    assert _mismatches(expected, got, rel=rel) == []  # every logged key, ddp and fsdp
     want_w, have_w = (
         load_file(single / "model.safetensors"),
         load_file(double / "model.safetensors"),

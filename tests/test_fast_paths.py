@@ -95,6 +95,53 @@ def test_pairs_share_their_prompt_with_identical_logps_and_grads(
         assert torch.allclose(fast_grads[name], grad, atol=1e-6, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prompt", [0, 5])
+def test_scored_attention_gives_sdpas_outputs_and_gradients(dtype, prompt):
+    """9 query heads over 3 key/value heads; queries see the prompt, then themselves causally."""
+    generator = torch.Generator().manual_seed(3)
+    n, keys, dim = 7, prompt + 7, 16
+
+    def leaf(*shape):
+        return torch.randn(shape, generator=generator).to(dtype).requires_grad_()
+
+    query, key, value = leaf(1, 9, n, dim), leaf(1, 3, keys, dim), leaf(1, 3, keys, dim)
+    grad_out = torch.randn((1, 9, n, dim), generator=generator).to(dtype)
+    bias = logprobs._scores_bias(n, keys, 3, dtype, query.device)
+    assert bias.shape == (3 * n, keys)
+    assert (bias[:n].isinf().sum(-1) == torch.arange(n - 1, -1, -1)).all()  # row i hides n-1-i
+    out = logprobs._ScoredAttention.apply(query, key, value, bias, dim**-0.5)
+    grads = torch.autograd.grad(out, (query, key, value), grad_out)
+    seen = torch.ones((n, keys), dtype=torch.bool).tril(prompt)
+    inputs = [t.detach().double().requires_grad_() for t in (query, key, value)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*inputs, attn_mask=seen, enable_gqa=True)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out.double())
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype
+    assert torch.allclose(out.double(), ref, atol=tolerance, rtol=tolerance)
+    for mine, theirs in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(mine.double(), theirs, atol=tolerance, rtol=tolerance)
+
+
+def test_long_calls_run_flash_with_the_same_results(tiny_model, always_pack, monkeypatch):
+    model = load_policy(tiny_model)
+    batch = collate_pairs(_pairs(), pad_id=0)
+    args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    scored = token_logps(model, *args).logps
+    monkeypatch.setattr(logprobs, "_SCORED_KEYS", 0)  # every call is "long"
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda *a, **k: calls.append(k["is_causal"]) or sdpa(*a, **k),
+    )
+    flash = token_logps(model, *args).logps
+    layers = model.config.num_hidden_layers
+    assert calls == [True, False] * 3 * layers  # per pair: chosen causal, rejected masked
+    assert torch.allclose(scored, flash, atol=1e-5)
+
+
 def test_samples_of_a_left_padded_prompt_share_it(tiny_model, always_pack):
     """Rollout layout: left-padded prompts, k samples each, completions padded after EOS."""
     model = load_policy(tiny_model)
