@@ -152,7 +152,10 @@ def test_greedy_decoding_matches_transformers_generate(policy, tokenizer, prompt
     assert torch.equal(rollout.input_ids, out.sequences)
     logits = torch.stack(out.logits, dim=1).float()  # (B, 8, V)
     expected = torch.log_softmax(logits, -1).gather(-1, out.sequences[:, width:, None])[..., 0]
-    torch.testing.assert_close(rollout.sampling_logps[:, width:], expected, atol=1e-5, rtol=0)
+    # under bf16 the fast step's attention rounds its scores to bf16 where HF's SDPA
+    # keeps them fp32: a log-prob of ~-10 then differs by a bf16 rounding or two
+    atol = 1e-2 if bf16 else 1e-5
+    torch.testing.assert_close(rollout.sampling_logps[:, width:], expected, atol=atol, rtol=0)
 
 
 def test_top_k_one_and_tiny_top_p_equal_greedy(policy, tokenizer, prompts):
