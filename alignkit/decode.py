@@ -355,7 +355,7 @@ class FastDecoder:
         products with the query heads of each key/value head stacked as the rows of one
         (no key or value repeated). At one query position SDPA's CPU kernel took 1.6 ms
         a layer at batch 32 over ~110 cached keys where the products take 0.27 ms
-        (2 threads; docs/benchmarks.md).
+        (2 threads; docs/benchmarks.md). A single row keeps SDPA, as fast there.
         """
         n = tokens.shape[0]
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
