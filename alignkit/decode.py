@@ -366,9 +366,19 @@ class FastDecoder:
         # rotate_half(x) * sin == roll(x, D/2) * (sin with its first half negated)
         half = head_dim // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        # (n, 1, 1, L): 0 where a row attends, -inf where it does not
-        mask = torch.zeros(attention_mask.shape, dtype=dtype, device=hidden.device)
-        mask = mask.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]
+        # n > 1 rows attend over each layer's whole buffer (zeros past the filled slots):
+        # the products read it in place, where the filled part's view would be copied
+        filled = attention_mask.shape[1]
+        for kv in cache.layers:
+            kv.reserve(filled)
+        width = cache.layers[0].key_buffer.shape[2] if n > 1 else filled
+        # 0 where a row attends, -inf where it does not: (n, 1, 1, width) for SDPA (one
+        # row), else (n x kv, 1, width), the rows of the batched products
+        mask = torch.full((n, width), float("-inf"), dtype=dtype, device=hidden.device)
+        mask[:, :filled].masked_fill_(attention_mask != 0, 0.0)
+        mask = mask[:, None, None, :]
+        if n > 1:
+            mask = mask.expand(n, kv_heads, 1, width).reshape(n * kv_heads, 1, width)
         # buffers every layer reuses (each is read before the next layer writes it)
         rotated = hidden.new_empty((n, heads + kv_heads, head_dim), dtype=dtype)
         # the query heads of each key/value head as rows: (n, kv, heads / kv, D); (n, kv, D)
@@ -389,21 +399,23 @@ class FastDecoder:
             else:
                 # softmax(q k^T / sqrt(D) + mask) v as two batched products: at one query
                 # position a row per head, which SDPA's kernel runs 4-6x slower at batch 8-32
-                scores = torch.matmul(query, kv.keys.transpose(-1, -2))  # (n, kv, heads/kv, L)
-                scores = scores.mul_(scale).add_(mask)
-                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-                attended = torch.matmul(probs, kv.values)  # (n, kv, heads / kv, D)
+                keys = kv.key_buffer.view(n * kv_heads, width, head_dim)
+                rows = query.reshape(n * kv_heads, heads // kv_heads, head_dim)
+                scores = torch.baddbmm(mask, rows, keys.transpose(1, 2), alpha=scale)
+                # (the CPU kernel accumulates bf16 in fp32: the fp32 softmax, rounded once)
+                probs = torch.softmax(scores, dim=-1)
+                values = kv.value_buffer.view(n * kv_heads, width, head_dim)
+                attended = torch.bmm(probs, values)  # (n x kv, heads / kv, D)
             hidden += layer.out.flat(attended.view(n, -1))
             gate_up = layer.gate_up.flat(self._normed(hidden, layer.post_norm, normed))
-            width = gate_up.shape[1] // 2
-            gate, up = gate_up.narrow(1, 0, width), gate_up.narrow(1, width, width)
+            inner = gate_up.shape[1] // 2
+            gate, up = gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner)
             hidden += layer.down.flat(F.silu(gate).mul_(up))
         return self.lm_head.flat(self._normed(hidden, self.final_norm, normed)).float()
 
     def _normed(self, hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor):
         """RMSNorm of the fp32 ``hidden`` (n, H), computed in fp32, written into ``out``."""
-        scale = hidden.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
-        return torch.mul(hidden * scale, weight, out=out)
+        return out.copy_(F.rms_norm(hidden, (hidden.shape[-1],), weight.float(), self.eps))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,8 @@ _COMPACT_FRACTION = 1 / 8
 _PREPACK_MIN_STEPS = 8
 # One more prefill forward costs about as much as this many padded prompt tokens.
 _BUCKET_OVERHEAD = 32
+# Slots a rollout cache's buffers grow by at a time (_PreallocatedLayer.reserve).
+_GROWTH = 32
 
 
 @dataclass(frozen=True)
@@ -106,10 +108,15 @@ class Rollout:
 
 
 class _PreallocatedLayer(DynamicLayer):
-    """One layer's keys and values in buffers sized for the whole rollout.
+    """One layer's keys and values in buffers that grow a few slots at a time.
 
     ``update`` writes the new states in place and returns views of the filled part,
-    so there is no per-step concatenation and attention covers only real slots.
+    so there is no per-step concatenation and attention covers only real slots. The
+    buffers hold the filled slots and up to ``_GROWTH`` zeros after them (grown by
+    :meth:`reserve`, at most to ``capacity``): a decode step can attend over a whole
+    buffer, which its batched products read without a copy, where the view of the
+    filled part has the buffer's row stride and is copied by each product
+    (:meth:`alignkit.decode.FastDecoder.step`).
     """
 
     def __init__(self, capacity: int) -> None:
@@ -123,11 +130,22 @@ class _PreallocatedLayer(DynamicLayer):
         # them cast saves re-casting the whole cache every step (same numbers, tested).
         batch, heads, _, key_dim = key_states.shape
         self.dtype, self.device = value_states.dtype, value_states.device
-        self.key_buffer = value_states.new_empty(batch, heads, self.capacity, key_dim)
-        self.value_buffer = value_states.new_empty(
-            batch, value_states.shape[1], self.capacity, value_states.shape[-1]
+        self.key_buffer = value_states.new_zeros(batch, heads, 0, key_dim)
+        self.value_buffer = value_states.new_zeros(
+            batch, value_states.shape[1], 0, value_states.shape[-1]
         )
         self.is_initialized = True
+
+    def reserve(self, end: int) -> None:
+        """Grow the buffers (with zeros) to hold at least ``end`` slots."""
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} > capacity {self.capacity}")
+        width = self.key_buffer.shape[2]
+        if end > width:
+            grown = min(self.capacity, end + _GROWTH) - width
+            self.key_buffer = F.pad(self.key_buffer, (0, 0, 0, grown))
+            self.value_buffer = F.pad(self.value_buffer, (0, 0, 0, grown))
+            self._refresh_views()
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -135,8 +153,7 @@ class _PreallocatedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {end} > capacity {self.capacity}")
+        self.reserve(end)
         self.key_buffer[:, :, self.length : end] = key_states
         self.value_buffer[:, :, self.length : end] = value_states
         self.length = end
@@ -145,8 +162,7 @@ class _PreallocatedLayer(DynamicLayer):
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Write one token's key and value per row, (N, heads, D) each, at the next slot."""
-        if self.length >= self.capacity:
-            raise RuntimeError(f"KV cache overflow: {self.length + 1} > capacity {self.capacity}")
+        self.reserve(self.length + 1)
         self.key_buffer.select(2, self.length).copy_(key_states)
         self.value_buffer.select(2, self.length).copy_(value_states)
         self.length += 1
@@ -155,13 +171,14 @@ class _PreallocatedLayer(DynamicLayer):
     def place(self, rows: torch.Tensor, piece: _PreallocatedLayer, batch: int, width: int) -> None:
         """Write ``piece``'s states (its rows prefilled apart) at ``rows``, ending at ``width``.
 
-        The buffers start as zeros here, so slots left of a short prompt hold zeros
-        (masked out) rather than uninitialised memory, which could be NaN.
+        Slots left of a short prompt hold zeros (masked out) rather than uninitialised
+        memory, which could be NaN.
         """
         if not self.is_initialized:
             self.lazy_initialization(piece.keys[:1], piece.values[:1])
             self.key_buffer = self.key_buffer.new_zeros(batch, *self.key_buffer.shape[1:])
             self.value_buffer = self.value_buffer.new_zeros(batch, *self.value_buffer.shape[1:])
+        self.reserve(width)
         start = width - piece.length
         self.key_buffer[rows, :, start:width] = piece.keys.to(self.key_buffer.dtype)
         self.value_buffer[rows, :, start:width] = piece.values

@@ -10,7 +10,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from alignkit.decode import FastDecoder
 from alignkit.models import autocast, load_policy, load_sampler, load_tokenizer
-from alignkit.rollout import SamplingParams, _new_cache, _prefill_logits, generate
+from alignkit.rollout import (
+    _GROWTH,
+    SamplingParams,
+    _new_cache,
+    _PreallocatedLayer,
+    _prefill_logits,
+    generate,
+)
 
 
 def _decode_both(model, bf16: bool, steps: int = 6, rows: int = 2):
@@ -52,10 +59,11 @@ def _decode_both(model, bf16: bool, steps: int = 6, rows: int = 2):
     return torch.stack(plain), torch.stack(fast)
 
 
-@pytest.mark.parametrize("rows", [1, 2])
-def test_fast_step_gives_the_hf_logits_in_fp32(tiny_model, rows):
+@pytest.mark.parametrize(("rows", "steps"), [(1, 6), (2, 6), (2, 40)])
+def test_fast_step_gives_the_hf_logits_in_fp32(tiny_model, rows, steps):
+    """40 steps: the cache's buffers grow while the step attends over them whole."""
     model = load_policy(tiny_model).eval()
-    plain, fast = _decode_both(model, bf16=False, rows=rows)
+    plain, fast = _decode_both(model, bf16=False, steps=steps, rows=rows)
     assert plain.abs().max() > 0.1  # real logits, not zeros
     assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-5)
 
@@ -117,6 +125,28 @@ def _assert_same_samples(fast, plain) -> None:
         flips += 1
         assert abs(int(fast.input_ids[row, stop]) - int(plain.input_ids[row, stop])) == 1, row
     assert flips <= 1
+
+
+def test_cache_buffers_grow_with_zeros_up_to_the_capacity():
+    layer = _PreallocatedLayer(capacity=45)
+    states = torch.arange(2 * 3 * 10 * 4, dtype=torch.float32).view(2, 3, 10, 4) + 1
+    keys, values = layer.update(states, -states)
+    assert layer.key_buffer.shape == (2, 3, 10 + _GROWTH, 4)
+    assert torch.equal(keys, states) and torch.equal(values, -states)
+    assert not layer.key_buffer[:, :, 10:].any() and not layer.value_buffer[:, :, 10:].any()
+    for _ in range(_GROWTH):
+        layer.append(states[:, :, 0], -states[:, :, 0])
+    assert layer.key_buffer.shape[2] == layer.length == 10 + _GROWTH  # full, not grown
+    layer.append(states[:, :, 1], -states[:, :, 1])
+    # the slot after the last one held grew the buffers, to the capacity at most
+    assert layer.length == 11 + _GROWTH and layer.key_buffer.shape[2] == 45
+    assert torch.equal(layer.keys[:, :, :10], states)
+    assert torch.equal(layer.values[:, :, 10 + _GROWTH], -states[:, :, 1])
+    assert not layer.key_buffer[:, :, layer.length :].any()
+    for _ in range(45 - layer.length):
+        layer.append(states[:, :, 0], -states[:, :, 0])
+    with pytest.raises(RuntimeError, match="overflow: 46 > capacity 45"):
+        layer.append(states[:, :, 0], -states[:, :, 0])
 
 
 def test_generate_samples_the_same_tokens_with_either_step_in_fp32(tiny_model):
