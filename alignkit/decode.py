@@ -376,9 +376,7 @@ class FastDecoder:
         # row), else (n x kv, 1, width), the rows of the batched products
         mask = torch.full((n, width), float("-inf"), dtype=dtype, device=hidden.device)
         mask[:, :filled].masked_fill_(attention_mask != 0, 0.0)
-        mask = mask[:, None, None, :]
-        if n > 1:
-            mask = mask.expand(n, kv_heads, 1, width).reshape(n * kv_heads, 1, width)
+        mask = mask.repeat_interleave(kv_heads, 0)[:, None] if n > 1 else mask[:, None, None]
         # buffers every layer reuses (each is read before the next layer writes it)
         rotated = hidden.new_empty((n, heads + kv_heads, head_dim), dtype=dtype)
         # the query heads of each key/value head as rows: (n, kv, heads / kv, D); (n, kv, D)
