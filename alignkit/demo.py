@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from alignkit.config import check, doc
+from alignkit.data.formats import jsonl_lines
 from alignkit.errors import InputError
 from alignkit.eval.demo_support import (
     Stopwatch,
@@ -272,10 +273,10 @@ def _dpo_pairs(s: DemoSettings, out: Path) -> Path:
     ``dpo_steps`` x 8 never reach would only cost that forward pass.
     """
     source, subset = out / "data" / "pairs.jsonl", out / "data" / "dpo_pairs.jsonl"
-    lines = source.read_text().splitlines(keepends=True)
+    lines = [line for line in jsonl_lines(source.read_text(encoding="utf-8")) if line.strip()]
     wanted = min(len(lines), s.dpo_steps * 8)
     chosen = sorted(random.Random(s.seed).sample(range(len(lines)), wanted))
-    subset.write_text("".join(lines[i] for i in chosen))
+    subset.write_text("".join(lines[i] + "\n" for i in chosen), encoding="utf-8")
     return subset
 
 
@@ -421,10 +422,8 @@ def evaluate_methods(
             if run["status"] != "ok":
                 continue
             if method == "best_of_n":
-                rows = [
-                    json.loads(x)
-                    for x in (out / method / "best_of_n.jsonl").read_text().splitlines()
-                ]
+                text = (out / method / "best_of_n.jsonl").read_text(encoding="utf-8")
+                rows = [json.loads(x) for x in jsonl_lines(text) if x.strip()]
                 samples = evaluator.from_completions(
                     method,
                     [r["completion"] for r in rows],

@@ -103,12 +103,15 @@ def test_dpo_trains_on_a_seeded_sample_of_as_many_pairs_as_it_visits(tmp_path):
     from alignkit.demo import DemoSettings, _dpo_pairs
 
     (tmp_path / "data").mkdir()
+    # sampled text can hold U+2028, which json.dumps leaves raw and splitlines() splits on
     lines = [
-        json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(50)
+        json.dumps({"prompt": f"p{i}", "chosen": "a\u2028", "rejected": "b"}, ensure_ascii=False)
+        + "\n"
+        for i in range(50)
     ]
     (tmp_path / "data" / "pairs.jsonl").write_text("".join(lines))
     subset = _dpo_pairs(DemoSettings(dpo_steps=3, seed=1), tmp_path).read_text()
-    kept = subset.splitlines(keepends=True)
+    kept = [line + "\n" for line in subset.split("\n")[:-1]]
     assert len(kept) == 24 and set(kept) <= set(lines)  # 3 steps x 8 pairs, all from the pairs
     assert [lines.index(row) for row in kept] == sorted(lines.index(row) for row in kept)
     assert _dpo_pairs(DemoSettings(dpo_steps=3, seed=1), tmp_path).read_text() == subset

@@ -107,10 +107,19 @@ def _object_row(value: Any, source: str, line: int) -> Row:
     return Row(value, source, line)
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of JSONL text, split on "\\n" only.
+
+    ``str.splitlines()`` also splits on U+2028, U+0085 and other separators, which
+    ``json.dumps(..., ensure_ascii=False)`` leaves raw inside strings: sampled text
+    holds them now and then, and a row split there is two halves of invalid JSON.
+    """
+    return text.split("\n")
+
+
 def _read_jsonl(path: Path, source: str) -> list[Row]:
     rows = []
-    # split on "\n" only: str.splitlines() would also split inside strings holding U+2028
-    for line_number, line in enumerate(_read_text(path, source).split("\n"), start=1):
+    for line_number, line in enumerate(jsonl_lines(_read_text(path, source)), start=1):
         if not line.strip():
             continue
         try:

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from alignkit.data.formats import jsonl_lines
 from alignkit.errors import InputError
 
 
@@ -108,7 +109,7 @@ def read_completions(
     per_prompt: list[list[str]] = [[] for _ in prompts]
     best_of: set[int] = set()
     for path in paths:
-        lines = [x for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+        lines = [x for x in jsonl_lines(Path(path).read_text(encoding="utf-8")) if x.strip()]
         if len(lines) < len(prompts):
             raise InputError(f"has {len(lines)} rows, the task has {len(prompts)} eval prompts",
                              path=path, field="--completions")  # fmt: skip
