@@ -18,7 +18,6 @@ from typing import Any
 from rich.console import Console
 
 from alignkit.config import check, doc
-from alignkit.data.formats import jsonl_lines
 from alignkit.errors import InputError
 from alignkit.eval.demo_support import (
     Stopwatch,
@@ -29,6 +28,7 @@ from alignkit.eval.demo_support import (
     reward_gold_agreement,
     sample_completions,
 )
+from alignkit.jsonl import jsonl_lines
 from alignkit.models import EMBEDDED_MODEL
 
 console = Console(stderr=True, soft_wrap=True)

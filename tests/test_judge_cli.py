@@ -83,6 +83,16 @@ def test_answer_files_both_formats(tmp_path, few_questions):
         ],
     )
     assert read_answers(fastchat, questions, 1) == [["x"]] * 3
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(
+        "".join(
+            json.dumps({"question_id": q.question_id, "answer": "a\u2028b"}, ensure_ascii=False)
+            + "\n"
+            for q in questions
+        ),
+        encoding="utf-8",
+    )
+    assert read_answers(raw, questions, 1) == [["a\u2028b"]] * 3
     one_turn = write_jsonl(
         tmp_path / "c.jsonl", [{"question_id": questions[0].question_id, "answer": "only"}]
     )

@@ -134,12 +134,15 @@ def test_register_task_from_a_prompts_file(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     prompts_file = tmp_path / "prompts.jsonl"
-    prompts_file.write_text("".join(json.dumps({"prompt": f"Q{i}"}) + "\n" for i in range(10)))
+    rows = [{"prompt": f"Q{i}" + "\u2028" * (i == 0)} for i in range(10)]
+    prompts_file.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     task = register_task("count-chars", prompts_file, judge="judge_mod:judge", chat=True)
     assert get_task("count-chars") is task and "count-chars" in task_names()
     # without a split column every fifth prompt is held out
     assert task.eval_prompts == ["Q4", "Q9"]
-    assert len(task.train_prompts) == 8
+    assert len(task.train_prompts) == 8 and task.train_prompts[0] == "Q0\u2028"
     assert task.gold(task.prompts("eval"), ["ab", "abc"]) == [2.0, 3.0]
     with pytest.raises(InputError, match="built-in"):
         register_task("sentiment", prompts_file, judge="judge_mod:judge")

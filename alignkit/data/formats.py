@@ -45,6 +45,7 @@ from alignkit.data.validation import (
     text,
 )
 from alignkit.errors import InputError
+from alignkit.jsonl import jsonl_lines
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 
@@ -105,16 +106,6 @@ def _object_row(value: Any, source: str, line: int) -> Row:
             f"each row must be a JSON object, got {kind_of(value)}", path=source, line=line
         )
     return Row(value, source, line)
-
-
-def jsonl_lines(text: str) -> list[str]:
-    """The lines of JSONL text, split on "\\n" only.
-
-    ``str.splitlines()`` also splits on U+2028, U+0085 and other separators, which
-    ``json.dumps(..., ensure_ascii=False)`` leaves raw inside strings: sampled text
-    holds them now and then, and a row split there is two halves of invalid JSON.
-    """
-    return text.split("\n")
 
 
 def _read_jsonl(path: Path, source: str) -> list[Row]:

@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from alignkit.data.formats import jsonl_lines
 from alignkit.errors import InputError
+from alignkit.jsonl import jsonl_lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

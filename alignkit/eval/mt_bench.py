@@ -18,6 +18,7 @@ from typing import Any
 
 from alignkit.errors import InputError
 from alignkit.feedback.judge import render_conversation
+from alignkit.jsonl import jsonl_lines
 
 Conversation = list[dict[str, str]]
 
@@ -37,7 +38,7 @@ def _json_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise InputError("file not found", path=str(path))
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8")), start=1):
         if not line.strip():
             continue
         try:

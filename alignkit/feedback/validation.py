@@ -16,6 +16,7 @@ from typing import Any
 
 from alignkit.errors import InputError
 from alignkit.feedback.records import Item, Judgment
+from alignkit.jsonl import jsonl_lines
 
 TASK_KINDS = ("pairwise", "ranking", "thumbs", "likert")
 SOURCES = ("human", "ai", "simulated")
@@ -83,7 +84,7 @@ def read_prompts_file(path: str | Path, num_completions: int | None = None) -> l
         raise InputError(f"cannot read ({err.strerror})", path=str(path)) from None
     except UnicodeDecodeError:
         raise InputError("is not UTF-8 text", path=str(path)) from None
-    return parse_prompt_lines(text.splitlines(), str(path), num_completions)
+    return parse_prompt_lines(jsonl_lines(text), str(path), num_completions)
 
 
 def parse_prompt_lines(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.errors import InputError
+from alignkit.jsonl import jsonl_lines
 
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_TASK = "sentiment"
@@ -97,7 +98,7 @@ def read_prompts_file(path: str | Path) -> tuple[list[dict[str, Any]], list[str]
     if not path.is_file():
         raise InputError("prompts file not found", path=str(path))
     rows: list[dict[str, Any]] = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+    for line_number, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8")), start=1):
         if not line.strip():
             continue
         try:

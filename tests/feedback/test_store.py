@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from sqlalchemy import text
 
@@ -214,3 +216,11 @@ def test_prompt_file_errors_name_file_line_and_field(tmp_path) -> None:
         read_prompts_file(path)
     path.write_text('{"prompt": "q", "completions": ["x", "y"], "id": 7, "extra": 1}\n')
     assert read_prompts_file(path) == [Item("7", "q", ("x", "y"), {"extra": 1})]
+
+
+def test_prompt_file_rows_keep_unicode_line_separators(tmp_path) -> None:
+    # sampled text holds U+2028 now and then; written raw it must not split its row
+    row = {"prompt": "q", "completions": ["one\u2028two", "three\u0085four"], "id": "a"}
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert read_prompts_file(path) == [Item("a", "q", ("one\u2028two", "three\u0085four"), {})]

@@ -21,6 +21,7 @@ from alignkit.feedback.store import UserInfo
 from alignkit.feedback.validation import parse_prompt_lines
 from alignkit.feedback.web.rendering import render
 from alignkit.feedback.web.security import require_admin, require_csrf, store_of
+from alignkit.jsonl import jsonl_lines
 
 router = APIRouter(prefix="/admin")
 Admin = Annotated[UserInfo, Depends(require_admin)]
@@ -36,7 +37,7 @@ async def _read_upload(upload: UploadFile | None, num_completions: int | None) -
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError("is not UTF-8 text", path=upload.filename) from None
-    return parse_prompt_lines(text.splitlines(), upload.filename, num_completions)
+    return parse_prompt_lines(jsonl_lines(text), upload.filename, num_completions)
 
 
 def _dashboard(
