@@ -373,10 +373,13 @@ class FastDecoder:
             kv.reserve(filled)
         width = cache.layers[0].key_buffer.shape[2] if n > 1 else filled
         # 0 where a row attends, -inf where it does not: (n, 1, 1, width) for SDPA (one
-        # row), else (n x kv, 1, width), the rows of the batched products
-        mask = torch.full((n, width), float("-inf"), dtype=dtype, device=hidden.device)
-        mask[:, :filled].masked_fill_(attention_mask != 0, 0.0)
-        mask = mask.repeat_interleave(kv_heads, 0)[:, None] if n > 1 else mask[:, None, None]
+        # row; None when it attends every slot, as an unpadded prompt does: SDPA then
+        # takes half the time), else (n x kv, 1, width), the rows of the batched products
+        mask = None
+        if n > 1 or not bool(attention_mask.all()):
+            mask = torch.full((n, width), float("-inf"), dtype=dtype, device=hidden.device)
+            mask[:, :filled].masked_fill_(attention_mask != 0, 0.0)
+            mask = mask.repeat_interleave(kv_heads, 0)[:, None] if n > 1 else mask[:, None, None]
         # buffers every layer reuses (each is read before the next layer writes it)
         rotated = hidden.new_empty((n, heads + kv_heads, head_dim), dtype=dtype)
         # the query heads of each key/value head as rows: (n, kv, heads / kv, D); (n, kv, D)

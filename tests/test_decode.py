@@ -20,18 +20,20 @@ from alignkit.rollout import (
 )
 
 
-def _decode_both(model, bf16: bool, steps: int = 6, rows: int = 2):
+def _decode_both(model, bf16: bool, steps: int = 6, rows: int = 2, padded: bool = False):
     """Prefill two left-padded prompts, then feed the same tokens through both steps.
 
     Returns the per-step logits of the HF forward and of the fast step, (steps, rows, V)
-    each; ``rows=1`` keeps the first prompt only (the step's one-row attention).
+    each; ``rows=1`` keeps the first prompt only (the step's one-row attention, no slot
+    masked), with ``padded`` the second one only (one row with masked slots).
     """
     generator = torch.Generator().manual_seed(3)
     input_ids = torch.randint(5, 3000, (2, 9), generator=generator)
     mask = torch.ones_like(input_ids)
     mask[1, :4] = 0  # the second prompt is 5 tokens, left-padded
     feed = torch.randint(5, 3000, (steps, 2), generator=generator)
-    input_ids, mask, feed = input_ids[:rows], mask[:rows], feed[:, :rows]
+    kept = slice(1, 2) if padded else slice(0, rows)
+    input_ids, mask, feed = input_ids[kept], mask[kept], feed[:, kept]
     capacity = input_ids.shape[1] + steps
     decoder = FastDecoder.build(model, capacity, bf16=bf16)
     assert decoder is not None
@@ -59,11 +61,13 @@ def _decode_both(model, bf16: bool, steps: int = 6, rows: int = 2):
     return torch.stack(plain), torch.stack(fast)
 
 
-@pytest.mark.parametrize(("rows", "steps"), [(1, 6), (2, 6), (2, 40)])
-def test_fast_step_gives_the_hf_logits_in_fp32(tiny_model, rows, steps):
+@pytest.mark.parametrize(
+    ("rows", "steps", "padded"), [(1, 6, False), (1, 6, True), (2, 6, False), (2, 40, False)]
+)
+def test_fast_step_gives_the_hf_logits_in_fp32(tiny_model, rows, steps, padded):
     """40 steps: the cache's buffers grow while the step attends over them whole."""
     model = load_policy(tiny_model).eval()
-    plain, fast = _decode_both(model, bf16=False, steps=steps, rows=rows)
+    plain, fast = _decode_both(model, bf16=False, steps=steps, rows=rows, padded=padded)
     assert plain.abs().max() > 0.1  # real logits, not zeros
     assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-5)
 
