@@ -3,7 +3,10 @@
 Each (recipe, batch size) runs in a fresh process: set-up, then ``steps`` optimizer
 steps, then the process's high-water RSS (VmHWM). The largest batch under the budget
 is extrapolated from a straight line through the measured points (memory grows
-linearly with batch size once the weights and optimizer state are in).
+linearly with batch size once the weights and optimizer state are in); with
+``check_largest`` it is then run: each recipe at its estimate, and again at a batch
+rescaled from what that run measured, to bracket the largest batch that fits
+(``--check-largest``; ``--cases`` picks the recipes).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import sys
 from common import write_jsonl
 
 BUDGET_MB = 16 * 1024
+RECIPES = ("sft", "reward", "dpo", "ppo")
 MAX_LENGTH = 512
 
 
@@ -66,9 +70,40 @@ def measure(recipe: str, batch: int, workdir, env: dict, steps: int = 2) -> floa
     return worker.final["peak_rss_mb"]
 
 
-def memory_table(workdir, env: dict, batches=(2, 8)) -> dict:
+def check_largest(recipe: str, fixed_mb: float, estimate: int, workdir, env: dict) -> dict:
+    """Run ``recipe`` at the estimated largest batch, then once more from what it measured.
+
+    The next batch comes from the line through the fixed part and the last run's peak,
+    aimed at 98% of the budget; a run killed for memory (None) halves the batch. At
+    most three runs. Returns the batches run with their peaks and the largest of them
+    under the budget (None if none fits).
+    """
+    runs: dict[int, float | None] = {}
+    batch = estimate
+    for _ in range(3):
+        try:
+            peak = measure(recipe, batch, workdir, env)
+        except RuntimeError as err:  # killed: the kernel's OOM killer, past the machine's RAM
+            print(f"  {recipe} batch {batch}: {err}", flush=True)
+            runs[batch] = None
+            batch //= 2
+            continue
+        runs[batch] = peak
+        print(f"  {recipe} batch {batch}: peak {peak:.0f} MiB of {BUDGET_MB}", flush=True)
+        per_row = (peak - fixed_mb) / batch
+        following = int((0.98 * BUDGET_MB - fixed_mb) // per_row) if per_row > 0 else batch
+        if following == batch or following in runs:
+            break
+        batch = following
+    fitting = [b for b, peak in runs.items() if peak is not None and peak <= BUDGET_MB]
+    return {"runs": runs, "largest_fitting_run": max(fitting) if fitting else None}
+
+
+def memory_table(
+    workdir, env: dict, batches=(2, 8), largest: bool = False, recipes=RECIPES
+) -> dict:
     results = {}
-    for recipe in ("sft", "reward", "dpo", "ppo"):
+    for recipe in recipes:
         points = {b: measure(recipe, b, workdir, env) for b in batches}
         low, high = min(points), max(points)
         slope = (points[high] - points[low]) / (high - low)
@@ -81,4 +116,8 @@ def memory_table(workdir, env: dict, batches=(2, 8)) -> dict:
             "largest_batch_16gb_estimate": fits,
         }
         print(f"  {recipe}: {points} -> ~{slope:.0f} MiB per row, fits ~{fits} in 16 GB")
+        if largest and fits:
+            results[recipe]["largest_batch_16gb_runs"] = check_largest(
+                recipe, base, fits, workdir, env
+            )
     return results

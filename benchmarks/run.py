@@ -10,6 +10,7 @@ between rounds in this process, for MFU. Ratios come from one run.
     python benchmarks/run.py                        # every case
     python benchmarks/run.py --cases dpo,generate --steps 3
     python benchmarks/run.py memory                 # peak RSS table (alignkit only)
+    python benchmarks/run.py memory --check-largest # and run the largest batch for 16 GB
     python benchmarks/run.py allocator              # DPO steps, tcmalloc against glibc malloc
 
 The peer runs with the Python given by ``--peer-python`` (default ``.venv-bench``,
@@ -525,12 +526,15 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+CASES = "generate,dpo,reward,rl,sft"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "mode", nargs="?", default="compare", choices=["compare", "memory", "allocator"]
     )
-    parser.add_argument("--cases", default="generate,dpo,reward,rl,sft")
+    parser.add_argument("--cases", default=CASES)
     parser.add_argument("--steps", type=int, default=4, help="measured steps per worker")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -544,6 +548,11 @@ def main() -> None:
         choices=["default", "alignkit"],
         default="default",
         help="run the peer as users do (default) or in alignkit's runtime environment",
+    )
+    parser.add_argument(
+        "--check-largest",
+        action="store_true",
+        help="memory: also run each recipe at its estimated largest batch for 16 GB",
     )
     args = parser.parse_args()
     out = Path(args.out)
@@ -561,9 +570,13 @@ def main() -> None:
         flush=True,
     )
     if args.mode == "memory":
-        from memory import memory_table
+        from memory import RECIPES, memory_table
 
-        results["memory"] = memory_table(workdir, alignkit_env())
+        # (--cases names the recipes here when given; the default list is the compare one's)
+        cases = args.cases.split(",") if args.cases != CASES else RECIPES
+        results["memory"] = memory_table(
+            workdir, alignkit_env(), largest=args.check_largest, recipes=cases
+        )
     elif args.mode == "allocator":
         results["allocator"] = allocator_ab(args, workdir)
     else:

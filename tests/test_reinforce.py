@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from alignkit.cli import main
 from alignkit.config import load_config
-from alignkit.recipes import reinforce
+from alignkit.recipes import policy_gradient, reinforce
 
 from .online_toy import mean, read_metrics, toy_overrides, write_prompts
 
@@ -70,6 +70,57 @@ def test_same_seed_same_metrics_and_dr_grpo_settings(tiny_model, tmp_path):
     assert all(row["advantage_std"] < 0.5 for row in rows)
     _, other_seed = run_rl(tiny_model, tmp_path, "third", seed=1, **dr_grpo)
     assert (first / "metrics.csv").read_text() != (other_seed / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_one_update_per_rollout_reuses_its_forward_for_the_rollout_log_probs(
+    tiny_model, tmp_path, monkeypatch, algo
+):
+    """One epoch, one minibatch: the update's forward gives the old log-probs, and the run
+    is the one that takes them from a pass of its own before the update."""
+    settings = {"algo": algo, "max_steps": 3, "kl_coef": 0.5, "seed": 3}
+    if algo == "rloo":
+        settings["kl_in"] = "loss"  # in the reward, the KL is needed before the update
+    passes = []
+    original = reinforce.forward_pass
+
+    def counted(*args, **kwargs):
+        passes.append(torch.is_grad_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reinforce, "forward_pass", counted)
+    monkeypatch.setattr(policy_gradient, "forward_pass", counted)
+    _, reused = run_rl(tiny_model, tmp_path, "reused", **settings)
+    assert passes == [True] * 3  # the update's forward only, one a step
+    passes.clear()
+    monkeypatch.setattr(reinforce, "reuses_update_logps", lambda config, distributed: False)
+    _, separate = run_rl(tiny_model, tmp_path, "separate", **settings)
+    assert passes == [False, True] * 3  # a no-grad pass, then the update's
+    reused_rows, separate_rows = read_metrics(reused), read_metrics(separate)
+    assert reused_rows[-1]["kl"] > 1e-3  # the policy moved: a KL that could differ
+    for a, b in zip(reused_rows, separate_rows, strict=True):
+        for key in ("score", "kl", "entropy", "loss", "grad_norm", "approx_kl", "reward"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        assert a["first_ratio_dev"] == 0.0
+    reused_weights = load_file(reused / "model.safetensors")
+    separate_weights = load_file(separate / "model.safetensors")
+    for name, value in reused_weights.items():
+        assert torch.allclose(value, separate_weights[name], atol=1e-6), name
+
+
+def test_rollout_log_probs_get_a_pass_of_their_own_where_the_update_cannot_give_them():
+    def config(**extra):
+        return load_config(reinforce.Config, "rl", None, [f"{k}={v}" for k, v in extra.items()])
+
+    assert reinforce.reuses_update_logps(config(algo="grpo"), distributed=False)
+    assert not reinforce.reuses_update_logps(config(algo="grpo"), distributed=True)
+    assert not reinforce.reuses_update_logps(config(algo="grpo", epochs=2), distributed=False)
+    two = config(algo="grpo", num_minibatches=2, prompts_per_step=2)
+    assert not reinforce.reuses_update_logps(two, distributed=False)
+    # KL in the reward: the advantages need the rollout's log-probs before the update
+    assert not reinforce.reuses_update_logps(config(algo="rloo"), distributed=False)
+    assert reinforce.reuses_update_logps(config(algo="rloo", kl_coef=0), distributed=False)
+    assert not reinforce.reuses_update_logps(config(algo="reinforce_pp"), distributed=False)
 
 
 def test_kl_in_loss_or_reward(tiny_model, tmp_path):

@@ -169,9 +169,11 @@ class Experience:
     scores: torch.Tensor  # (N,) reward as returned
     gold: torch.Tensor | None  # (N,) the task's gold score
     mask: torch.Tensor  # (N, T) float, 1 on completion tokens (EOS included)
-    old_logps: torch.Tensor  # (N, T) policy at rollout time, sampling temperature
+    # (N, T) policy at rollout time, sampling temperature; None until the update's own
+    # forward gives them (collect_experience with policy_pass=False), as entropy
+    old_logps: torch.Tensor | None
     ref_logps: torch.Tensor | None  # (N, T) reference, sampling temperature
-    entropy: torch.Tensor  # (N, T)
+    entropy: torch.Tensor | None  # (N, T)
     old_values: torch.Tensor | None  # (N, T) critic at rollout time
 
     def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -199,11 +201,14 @@ def collect_experience(
     gold_fn: RewardFn | None = None,
     critic: nn.Module | None = None,
     first_row: int | None = None,
+    policy_pass: bool = True,
 ) -> Experience:
     """Sample, score with the reward (and gold), and run the policy, critic and reference.
 
     ``first_row``: these prompts' rows start at this global row (every row then samples
-    from its own seed, see :func:`alignkit.rollout.generate`)."""
+    from its own seed, see :func:`alignkit.rollout.generate`). ``policy_pass=False``:
+    no pass of the policy (and critic) over the samples; ``old_logps``, ``entropy`` and
+    ``old_values`` stay None for the caller's update to fill in."""
     rollout = generate(
         policy, tokenizer, prompt_ids, params, num_samples=num_samples, bf16=bf16,
         first_row=first_row,
@@ -215,17 +220,20 @@ def collect_experience(
     gold = None
     if gold_fn is not None:
         gold = call_reward(gold_fn, row_prompts, rollout.completions, "gold", device)
-    old = forward_pass(
-        policy,
-        rollout.input_ids,
-        rollout.attention_mask,
-        rollout.completion_mask,
-        rollout.prompt_length,
-        rollout.temperature,
-        bf16,
-        critic=critic,
-        with_entropy=True,
-    )
+    old_logps = entropy = old_values = None
+    if policy_pass:
+        old = forward_pass(
+            policy,
+            rollout.input_ids,
+            rollout.attention_mask,
+            rollout.completion_mask,
+            rollout.prompt_length,
+            rollout.temperature,
+            bf16,
+            critic=critic,
+            with_entropy=True,
+        )
+        old_logps, entropy, old_values = old.logps, old.entropy, old.values
     ref_logps = None
     if reference is not None:
         ref_logps = reference.logps(rollout, bf16)[:, rollout.prompt_length :]
@@ -235,10 +243,10 @@ def collect_experience(
         scores=scores,
         gold=gold,
         mask=rollout.completion_mask[:, rollout.prompt_length :].float(),
-        old_logps=old.logps,
+        old_logps=old_logps,
         ref_logps=ref_logps,
-        entropy=old.entropy,
-        old_values=old.values,
+        entropy=entropy,
+        old_values=old_values,
     )
 
 

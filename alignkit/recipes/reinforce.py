@@ -118,6 +118,23 @@ def sequence_k3(
     return masked_mean(token_kl, mask, dim=1).mean()
 
 
+def reuses_update_logps(config: Config, distributed: bool) -> bool:
+    """The update's own forward gives the rollout-time log-probs: no pass before it.
+
+    With one update over the whole batch straight after sampling (one epoch, one
+    minibatch) the policy has not moved since it sampled, so its rollout-time
+    log-probs are the update forward's, detached (the ratio is exactly 1, as TRL's
+    GRPO takes them at ``num_iterations=1``). That holds when the rewards do not need
+    them before the update (no KL in the reward) and, here, in one process (the
+    metrics would need every rank's rows).
+    """
+    # (REINFORCE++ puts the KL in its token rewards whatever the placement)
+    kl_in_reward = config.kl_placement() == "reward" or config.algo == "reinforce_pp"
+    kl_in_reward = kl_in_reward and config.kl_coef != 0
+    single_update = config.epochs == 1 and config.num_minibatches == 1
+    return single_update and not kl_in_reward and not distributed
+
+
 def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     algo, k, kl_coef = config.algo, config.samples_per_prompt, config.kl_coef
     kl_in_loss = config.kl_placement() == "loss"
@@ -137,21 +154,29 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     policy, inputs, bf16 = session.rollout_policy, session.inputs, session.bf16
     params = [p for p in session.trainable.parameters() if p.requires_grad]
     stop, job, pad_id = None, session.job, inputs.tokenizer.pad_token_id
+    # one pass of the policy a step instead of two, when the update's can serve both
+    reuse_logps = reuses_update_logps(config, job.enabled)
 
     def minibatch_loss(
         model: torch.nn.Module,
         rows: dict[str, torch.Tensor],
-        old_logps: torch.Tensor,  # (n, T)
+        old_logps: torch.Tensor | None,  # (n, T); None: this forward's own (reuse_logps)
         ref_logps: torch.Tensor | None,  # (n, T)
         advantages: torch.Tensor,  # (n,) or (n, T)
         mask: torch.Tensor,  # (n, T)
         prompt_length: int,
         temperature: float,
     ) -> tuple:
-        """(loss, its metrics, new log-probs detached) of a minibatch's rows."""
+        """(loss, its metrics, new log-probs detached, entropies) of a minibatch's rows.
+
+        The entropies only where ``old_logps`` is None (else None).
+        """
         new = forward_pass(
-            model, **rows, prompt_length=prompt_length, temperature=temperature, bf16=bf16
-        )
+            model, **rows, prompt_length=prompt_length, temperature=temperature, bf16=bf16,
+            with_entropy=old_logps is None,
+        )  # fmt: skip
+        if old_logps is None:
+            old_logps = new.logps.detach()
         if algo == "grpo":
             loss, loss_metrics = grpo_loss(
                 new.logps,
@@ -174,7 +199,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             loss, loss_metrics = reinforce_loss(sequence_logps, advantages)
             if kl_in_loss and kl_coef:
                 loss = loss + kl_coef * sequence_k3(new.logps, ref_logps, mask)
-        return loss, loss_metrics, new.logps.detach()
+        return loss, loss_metrics, new.logps.detach(), new.entropy
 
     for step in range(session.start_step + 1, config.max_steps + 1):
         lr = session.scheduler.get_last_lr()[0]
@@ -194,6 +219,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             reference=session.reference,
             gold_fn=inputs.gold_fn,
             first_row=first_row,
+            policy_pass=not reuse_logps,
         )
         experience = gather_experience(job, experience, pad_id)
         mask, old_logps, ref_logps = experience.mask, experience.old_logps, experience.ref_logps
@@ -204,8 +230,12 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
             scores, experience.rollout.finished, config.missing_eos, config.missing_eos_penalty
         )
         # 3. KL: k1 of the rollout policy against the reference, in the reward or the loss
-        token_kl = kl_estimate(old_logps, ref_logps, "k1")
-        sequence_kl = (token_kl * mask).sum(1)  # (N,)
+        # (reusing the update's log-probs, nothing before it weighs the KL: it is 0 here
+        # and measured after the update)
+        if reuse_logps:
+            token_kl = torch.zeros_like(mask)
+        else:
+            token_kl = kl_estimate(old_logps, ref_logps, "k1")
         reward_kl_coef = 0.0 if kl_in_loss else kl_coef
         rewards = kl_penalized_scores(scores, token_kl, mask, reward_kl_coef)  # (N,)
         # 4. advantages
@@ -229,8 +259,9 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                 rows, config.num_minibatches, config.seed, step, epoch
             ):
                 index = job.local_rows(minibatch)  # this rank's chunk of the minibatch
-                mb_mask, mb_old = mask[index], old_logps[index]
-                loss, loss_metrics, new_logps = session.forward(
+                mb_mask = mask[index]
+                mb_old = old_logps[index] if old_logps is not None else None
+                loss, loss_metrics, new_logps, new_entropy = session.forward(
                     minibatch_loss,
                     experience.rows(index),
                     mb_old,
@@ -240,6 +271,11 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     experience.rollout.prompt_length,
                     experience.rollout.temperature,
                 )
+                if mb_old is None:  # reuse_logps: the rollout-time values are these
+                    mb_old = new_logps
+                    old_logps = torch.empty_like(new_logps).index_copy_(0, index, new_logps)
+                    entropy = torch.empty_like(new_entropy).index_copy_(0, index, new_entropy)
+                    experience.old_logps, experience.entropy = old_logps, entropy
                 log_ratio = new_logps - mb_old
                 part = {
                     "loss": float(loss.detach()),
@@ -283,6 +319,9 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         session.scheduler.step()
 
         # 6. log, stop criteria, checkpoint
+        if reuse_logps:
+            token_kl = kl_estimate(old_logps, ref_logps, "k1")
+        sequence_kl = (token_kl * mask).sum(1)  # (N,)
         valid_advantages = advantages[mask.bool()] if advantages.dim() == 2 else advantages
         metrics = {
             **rollout_metrics(experience),
