@@ -12,6 +12,8 @@ rescaled from what that run measured, to bracket the largest batch that fits
 from __future__ import annotations
 
 import sys
+import threading
+import time
 
 from common import write_jsonl
 
@@ -51,7 +53,40 @@ def _params(recipe: str, batch: int, workdir) -> dict:
     }
 
 
-def measure(recipe: str, batch: int, workdir, env: dict, steps: int = 2) -> float:
+class OverBudget(RuntimeError):
+    """A worker's RSS passed the limit it ran under, and it was stopped there."""
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` now (VmRSS), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _stop_past(worker, limit_mb: float, tripped: threading.Event) -> None:
+    """Kill ``worker`` as soon as its RSS passes ``limit_mb`` (polled every 0.2 s)."""
+    while worker.process.poll() is None:
+        if _rss_mb(worker.process.pid) > limit_mb:
+            tripped.set()
+            worker.process.kill()
+            return
+        time.sleep(0.2)
+
+
+def measure(
+    recipe: str, batch: int, workdir, env: dict, steps: int = 2, limit_mb: float | None = None
+) -> float:
+    """Peak RSS (MiB) of ``steps`` steps at ``batch``.
+
+    With ``limit_mb`` the worker is killed once past it (:class:`OverBudget`): a batch
+    over the budget need not run on to the machine's RAM and its OOM killer.
+    """
     from run import start
 
     worker = start(
@@ -63,10 +98,19 @@ def measure(recipe: str, batch: int, workdir, env: dict, steps: int = 2) -> floa
         sys.executable,
         env,
     )
-    for _ in range(steps):
-        unit = worker.go()
-        print(f"    {recipe} batch {batch}: {unit['seconds']:.1f}s", flush=True)
-    worker.stop()
+    tripped = threading.Event()
+    if limit_mb is not None:
+        watch = threading.Thread(target=_stop_past, args=(worker, limit_mb, tripped), daemon=True)
+        watch.start()
+    try:
+        for _ in range(steps):
+            unit = worker.go()
+            print(f"    {recipe} batch {batch}: {unit['seconds']:.1f}s", flush=True)
+        worker.stop()
+    except RuntimeError as err:
+        if tripped.is_set():
+            raise OverBudget(f"past {limit_mb:.0f} MiB, stopped") from err
+        raise
     return worker.final["peak_rss_mb"]
 
 
@@ -74,7 +118,8 @@ def check_largest(recipe: str, fixed_mb: float, estimate: int, workdir, env: dic
     """Run ``recipe`` at the estimated largest batch, then once more from what it measured.
 
     The next batch comes from the line through the fixed part and the last run's peak,
-    aimed at 98% of the budget; a run killed for memory (None) halves the batch. At
+    aimed at 98% of the budget; a run stopped past the budget, or killed for memory
+    (None), halves the batch. At
     most three runs. Returns the batches run with their peaks and the largest of them
     under the budget (None if none fits).
     """
@@ -82,8 +127,8 @@ def check_largest(recipe: str, fixed_mb: float, estimate: int, workdir, env: dic
     batch = estimate
     for _ in range(3):
         try:
-            peak = measure(recipe, batch, workdir, env)
-        except RuntimeError as err:  # killed: the kernel's OOM killer, past the machine's RAM
+            peak = measure(recipe, batch, workdir, env, limit_mb=BUDGET_MB)
+        except RuntimeError as err:  # past the budget (or the OOM killer's, during set-up)
             print(f"  {recipe} batch {batch}: {err}", flush=True)
             runs[batch] = None
             batch //= 2
