@@ -477,6 +477,18 @@ def bf16_compute(model: torch.nn.Module, enabled: bool | None = None) -> Iterato
                     parameter.grad = old_grad.add_(new_grad)
 
 
+def hold_bf16(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its fp32 parameters in bf16 for good, for a frozen model scored beside
+    one under :func:`bf16_compute` (the same values as its copies). Buffers, such as
+    the rotary frequencies, stay as they are (``model.to(torch.bfloat16)`` would round
+    them too)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dtype == torch.float32:
+                parameter.data = parameter.data.to(torch.bfloat16)
+    return model
+
+
 def _untied_embeddings(model: torch.nn.Module) -> list[torch.nn.Embedding]:
     """The fp32 embeddings of ``model`` whose weight no linear layer also uses."""
     shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}

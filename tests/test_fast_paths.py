@@ -3,7 +3,8 @@
 - prompts shared between rows (DPO pairs, k samples of a prompt) are packed into one
   sequence: same log-probs, entropies and gradients as the plain batch (fp32);
 - bf16 weights with fp32 masters: same DPO losses as autocast alone within bf16
-  tolerance, masters untouched and gradients fp32;
+  tolerance, masters untouched and gradients fp32; the same for the online update
+  (GRPO's loss on one rollout, with the fused layers);
 - the fused AdamW step: the same update as the per-tensor loop;
 - reference scoring grouped by prompt: the same sums as one row at a time;
 - sampling with linears run from pre-packed bf16 weights: the same tokens and
@@ -27,12 +28,15 @@ from alignkit.config import load_config
 from alignkit.data import collate_pairs
 from alignkit.data.tokenize import TokenizedPair
 from alignkit.logprobs import token_logps
+from alignkit.losses.policy import grpo_loss
 from alignkit.models import autocast, bf16_compute, load_policy, load_tokenizer
 from alignkit.recipes import dpo
 from alignkit.recipes.dpo import make_pairwise_loss
+from alignkit.recipes.policy_gradient import forward_pass
 from alignkit.reference import score_sequences
 from alignkit.rollout import SamplingParams, generate, length_buckets, prepacking_supported
 from alignkit.training import loop
+from alignkit.training.fused import fused_layers
 from alignkit.training.loop import use_fused_adam
 from alignkit.training.optim import build_optimizer
 
@@ -237,6 +241,46 @@ def test_bf16_weights_give_autocast_losses_and_fp32_grads(tiny_model):
         assert parameter.grad.dtype == torch.float32
         cosine = torch.nn.functional.cosine_similarity(
             parameter.grad.flatten(), grads_autocast[name].flatten(), dim=0
+        )
+        assert cosine > 0.98, (name, float(cosine))
+
+
+def test_online_update_from_bf16_weights_matches_autocast(tiny_model, tokenizer):
+    """The online recipes' update (bf16 copies of the weights and the fused layers, as
+    OnlineRun.bf16_scope sets them) against autocast over the fp32 weights, on one
+    rollout: log-probs, the GRPO loss and the gradients within bf16 tolerance."""
+    model = load_policy(tiny_model)
+    model.train()
+    prompts = [tokenizer.encode(text) for text in ("a short prompt", "another one here")]
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=0)
+    with torch.no_grad():
+        sampled = generate(model, tokenizer, prompts, params, num_samples=2, bf16=True)
+    columns = slice(sampled.prompt_length, None)
+    mask = sampled.completion_mask[:, columns].float()
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+
+    def update() -> tuple[torch.Tensor, torch.Tensor]:
+        new = forward_pass(
+            model, sampled.input_ids, sampled.attention_mask, sampled.completion_mask,
+            sampled.prompt_length, 1.0, bf16=True,
+        )  # fmt: skip
+        old = new.logps.detach() - 0.05  # off-policy enough for the ratio to matter
+        loss, _ = grpo_loss(new.logps, old, old, advantages, mask, kl_coef=0.1)
+        loss.backward()
+        return new.logps.detach(), loss.detach()
+
+    logps_plain, loss_plain = update()
+    grads_plain = _grads(model)
+    model.zero_grad()
+    with bf16_compute(model, enabled=True), fused_layers(model) as swapped:
+        logps_fast, loss_fast = update()
+    assert swapped == 3 * len(model.model.layers) + 1  # each MLP and norm, the final norm
+    assert torch.allclose(logps_fast * mask, logps_plain * mask, atol=0.05)
+    assert abs(float(loss_fast) - float(loss_plain)) < 2e-2 * max(1.0, abs(float(loss_plain)))
+    for name, parameter in model.named_parameters():
+        assert parameter.dtype == torch.float32 and parameter.grad.dtype == torch.float32
+        cosine = torch.nn.functional.cosine_similarity(
+            parameter.grad.flatten(), grads_plain[name].flatten(), dim=0
         )
         assert cosine > 0.98, (name, float(cosine))
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from alignkit.cli import main
 from alignkit.config import load_config
-from alignkit.recipes import policy_gradient, reinforce
+from alignkit.recipes import online_run, policy_gradient, reinforce
 
 from .online_toy import mean, read_metrics, toy_overrides, write_prompts
 
@@ -106,6 +106,31 @@ def test_one_update_per_rollout_reuses_its_forward_for_the_rollout_log_probs(
     separate_weights = load_file(separate / "model.safetensors")
     for name, value in reused_weights.items():
         assert torch.allclose(value, separate_weights[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("lora_r", [0, 8], ids=["full", "lora"])
+def test_under_bf16_every_pass_of_a_step_computes_from_the_same_bf16_weights(
+    tiny_model, tmp_path, monkeypatch, lora_r
+):
+    """bf16: the step's sampling with the rollout-time and reference passes, then the
+    update's forward and backward, each run inside bf16_scope, and a separate reference
+    holds bf16 weights. So before the first update the policy is its reference to the
+    bit (KL exactly 0), and the first minibatch is on-policy to the bit; under autocast
+    with a bf16 reference neither would be."""
+    scopes = []
+    original = online_run.bf16_compute
+
+    def counted(model, enabled=None):
+        scopes.append(enabled)
+        return original(model, enabled=enabled)
+
+    monkeypatch.setattr(online_run, "bf16_compute", counted)
+    settings = {"algo": "grpo", "kl_coef": 0.5, "epochs": 2, "max_steps": 2, "lr": 3e-2}
+    _, out = run_rl(tiny_model, tmp_path, "bf16", bf16="true", **{"lora.r": lora_r}, **settings)
+    assert scopes == [True, True, True] * 2  # a step: rollout, then an update per epoch
+    rows = read_metrics(out)
+    assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] > 1e-4
+    assert [row["first_ratio_dev"] for row in rows] == [0.0, 0.0]
 
 
 def test_rollout_log_probs_get_a_pass_of_their_own_where_the_update_cannot_give_them():

@@ -34,6 +34,7 @@ from alignkit.losses.distribution import (
     snis_dpg_loss,
     update_log_partition,
 )
+from alignkit.models import hold_bf16
 from alignkit.recipes.best_of_n import sample_and_score, sequence_logps
 from alignkit.recipes.online import OnlineConfig
 from alignkit.recipes.online_run import OnlineRun
@@ -244,7 +245,12 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     # sharded one, refreshed every step); the update goes through session.forward
     policy, inputs, bf16 = session.rollout_policy, session.inputs, session.bf16
     params = [p for p in session.trainable.parameters() if p.requires_grad]
-    proposal = proposal_weights.build(policy) if config.proposal == "adaptive" else policy
+    proposal = policy
+    if config.proposal == "adaptive":
+        # scored beside the policy's bf16 copies, so in bf16 too (load_state_dict rounds)
+        proposal = proposal_weights.build(policy)
+        if session.bf16_weights:
+            hold_bf16(proposal)
     n, beta, job = config.samples_per_prompt, config.kl_coef, session.job
 
     def estimator_loss(
@@ -267,27 +273,28 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         # 1. sample n completions per prompt from the proposal q (each rank its slice of
         # the prompts; the estimators are means over prompts, so each rank trains on its own)
         batch, first_row = session.local_prompts(step)
-        samples = sample_and_score(
-            proposal,
-            inputs.tokenizer,
-            [inputs.train_prompts[i] for i in batch],
-            [inputs.train_ids[i] for i in batch],
-            config.sampling(step),
-            n,
-            inputs.reward_fn,
-            bf16,
-            gold_fn=inputs.gold_fn,
-            reward_name=config.reward,
-            first_row=first_row,
-        )
-        rollout, scores = samples.rollout, samples.scores
-        mask = rollout.completion_mask
-        # 2. score: the target log P = S_ref(y) + r / beta
-        ref_sums = (session.reference.logps(rollout, bf16, 1.0) * mask).sum(-1)
-        target = (ref_sums + scores / beta).view(-1, n)  # (B, n)
-        # 3. log q(y) of the sampler at its temperature, and the running Z(x) (every rank
-        # folds in the whole batch, so the estimates stay the same on all of them)
-        proposal_sums = sequence_logps(proposal, rollout, bf16, config.temperature).view(-1, n)
+        with session.bf16_scope():
+            samples = sample_and_score(
+                proposal,
+                inputs.tokenizer,
+                [inputs.train_prompts[i] for i in batch],
+                [inputs.train_ids[i] for i in batch],
+                config.sampling(step),
+                n,
+                inputs.reward_fn,
+                bf16,
+                gold_fn=inputs.gold_fn,
+                reward_name=config.reward,
+                first_row=first_row,
+            )
+            rollout, scores = samples.rollout, samples.scores
+            mask = rollout.completion_mask
+            # 2. score: the target log P = S_ref(y) + r / beta
+            ref_sums = (session.reference.logps(rollout, bf16, 1.0) * mask).sum(-1)
+            target = (ref_sums + scores / beta).view(-1, n)  # (B, n)
+            # 3. log q(y) of the sampler at its temperature, and the running Z(x) (every rank
+            # folds in the whole batch, so the estimates stay the same on all of them)
+            proposal_sums = sequence_logps(proposal, rollout, bf16, config.temperature).view(-1, n)
         everything, whole = session.gather_samples(
             samples, {"target": target, "proposal": proposal_sums}
         )
@@ -302,30 +309,31 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         # 4. the estimator's loss: updates_per_batch optimizer steps on this batch
         parts: list[dict[str, float]] = []
         for _ in range(config.updates_per_batch):
-            loss, loss_metrics, policy_sums = session.forward(
-                estimator_loss, rollout, target, proposal_sums, log_partition
-            )
-            logged = loss.detach()
-            all_policy_sums = torch.cat(job.gather(policy_sums))
-            if job.enabled:
-                # the loss is a mean over prompts (or their rows): this rank's share of
-                # the prompts. The logged loss and statistics (ess_fraction, advantage_std
-                # are not means) are those of the whole batch, from every rank's S_theta
-                loss = loss * (len(batch) / config.prompts_per_step)
-                logged, loss_metrics = distribution_matching_loss(
-                    config.algo,
-                    all_policy_sums,
-                    whole["target"],
-                    whole["proposal"],
-                    global_log_partition,
+            with session.bf16_scope(update=True):
+                loss, loss_metrics, policy_sums = session.forward(
+                    estimator_loss, rollout, target, proposal_sums, log_partition
                 )
-            part = {
-                "loss": float(logged),
-                "grad_norm": 0.0,  # set after the step
-                **{k: float(v) for k, v in loss_metrics.items()},
-            }
-            check_finite(part["loss"], "loss", step, session.last_checkpoint)
-            job.backward(loss)
+                logged = loss.detach()
+                all_policy_sums = torch.cat(job.gather(policy_sums))
+                if job.enabled:
+                    # the loss is a mean over prompts (or their rows): this rank's share of
+                    # the prompts. The logged loss and statistics (ess_fraction, advantage_std
+                    # are not means) are those of the whole batch, from every rank's S_theta
+                    loss = loss * (len(batch) / config.prompts_per_step)
+                    logged, loss_metrics = distribution_matching_loss(
+                        config.algo,
+                        all_policy_sums,
+                        whole["target"],
+                        whole["proposal"],
+                        global_log_partition,
+                    )
+                part = {
+                    "loss": float(logged),
+                    "grad_norm": 0.0,  # set after the step
+                    **{k: float(v) for k, v in loss_metrics.items()},
+                }
+                check_finite(part["loss"], "loss", step, session.last_checkpoint)
+                job.backward(loss)
             part["grad_norm"] = optimizer_update(
                 params,
                 session.optimizer,

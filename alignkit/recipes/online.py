@@ -31,6 +31,7 @@ from alignkit.models import (
     EMBEDDED_MODEL,
     LoraSettings,
     bf16_supported,
+    hold_bf16,
     is_lora,
     load_policy,
     model_device,
@@ -231,15 +232,28 @@ class ReferencePolicy:
     adapter disabled (no second copy in memory); otherwise a frozen model loaded from
     ``reference`` or, when that is empty, from ``model_name`` (the starting policy).
     Build it before a checkpoint is loaded into the policy.
+
+    ``bf16_weights``: the policy computes from bf16 copies of its weights
+    (:meth:`alignkit.recipes.online_run.OnlineRun.bf16_scope`), so a separate reference
+    holds its parameters in bf16 from the start (the same values as those copies, half
+    the memory, no cast per call); its buffers (the rotary frequencies) stay fp32.
     """
 
-    def __init__(self, policy: torch.nn.Module, model_name: str, reference: str = "") -> None:
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        model_name: str,
+        reference: str = "",
+        bf16_weights: bool = False,
+    ) -> None:
         self.policy = policy
         self.model: torch.nn.Module | None = None
         if reference or not is_lora(policy):
             self.model = load_policy(reference or model_name, device=model_device(policy))
             self.model.eval()
             self.model.requires_grad_(False)
+            if bf16_weights:
+                hold_bf16(self.model)
 
     def _context(self) -> contextlib.AbstractContextManager:
         return reference_mode(self.policy) if self.model is None else contextlib.nullcontext()

@@ -121,28 +121,29 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         # 1. sample n completions per prompt from the current policy  2. label them
         # (each rank its slice of the prompts; then every rank holds the whole batch)
         batch, first_row = session.local_prompts(step)
-        samples = sample_and_score(
-            policy,
-            inputs.tokenizer,
-            [inputs.train_prompts[i] for i in batch],
-            [inputs.train_ids[i] for i in batch],
-            config.sampling(step),
-            n,
-            inputs.reward_fn,
-            bf16,
-            gold_fn=inputs.gold_fn,
-            reward_name=config.reward,
-            first_row=first_row,
-        )
-        # reference sums of every sample, each rank for its own rows (used once pairs exist)
-        per_row = {}
-        if spec.needs_reference:
-            local = samples.rollout
-            if config.reference_update == "refresh":
-                per_row["ref_sums"] = sequence_logps(policy, local, bf16)
-            else:
-                ref_logps = session.reference.logps(local, bf16, 1.0)
-                per_row["ref_sums"] = (ref_logps * local.completion_mask).sum(-1)
+        with session.bf16_scope():
+            samples = sample_and_score(
+                policy,
+                inputs.tokenizer,
+                [inputs.train_prompts[i] for i in batch],
+                [inputs.train_ids[i] for i in batch],
+                config.sampling(step),
+                n,
+                inputs.reward_fn,
+                bf16,
+                gold_fn=inputs.gold_fn,
+                reward_name=config.reward,
+                first_row=first_row,
+            )
+            # reference sums of every sample, each rank for its own rows (used once pairs exist)
+            per_row = {}
+            if spec.needs_reference:
+                local = samples.rollout
+                if config.reference_update == "refresh":
+                    per_row["ref_sums"] = sequence_logps(policy, local, bf16)
+                else:
+                    ref_logps = session.reference.logps(local, bf16, 1.0)
+                    per_row["ref_sums"] = (ref_logps * local.completion_mask).sum(-1)
         samples, per_row = session.gather_samples(samples, per_row)
         scores = samples.scores
         check_finite(float(scores.sum()), "reward", step, session.last_checkpoint)
@@ -181,20 +182,21 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     pair_batch["ref_logps"] = torch.stack(
                         [ref_sums[chosen_rows[pair_index]], ref_sums[rejected_rows[pair_index]]], -1
                     )
-                loss, loss_metrics = session.forward(compute_loss, pair_batch)
-                part = {
-                    "loss": float(loss.detach()),
-                    "grad_norm": 0.0,  # set after the step
-                    **{k: float(v) for k, v in loss_metrics.items()},
-                }
-                if job.enabled:  # means over pairs: this rank's share of them
-                    share = len(pair_index) / len(whole)
-                    loss = loss * share
-                    shares = {key: share for key in part}
-                    shares["tokens"] = 1.0  # a count, summed
-                    part = job.weighted_sum(part, shares)
-                check_finite(part["loss"], "loss", step, session.last_checkpoint)
-                job.backward(loss)
+                with session.bf16_scope(update=True):
+                    loss, loss_metrics = session.forward(compute_loss, pair_batch)
+                    part = {
+                        "loss": float(loss.detach()),
+                        "grad_norm": 0.0,  # set after the step
+                        **{k: float(v) for k, v in loss_metrics.items()},
+                    }
+                    if job.enabled:  # means over pairs: this rank's share of them
+                        share = len(pair_index) / len(whole)
+                        loss = loss * share
+                        shares = {key: share for key in part}
+                        shares["tokens"] = 1.0  # a count, summed
+                        part = job.weighted_sum(part, shares)
+                    check_finite(part["loss"], "loss", step, session.last_checkpoint)
+                    job.backward(loss)
                 part["grad_norm"] = optimizer_update(
                     params,
                     session.optimizer,

@@ -3,9 +3,10 @@ its loop (inputs, models, optimizer, prompt order, metrics, evaluation, checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from alignkit.data.examples import Prompt
-from alignkit.models import load_policy, load_tokenizer
+from alignkit.models import bf16_compute, load_policy, load_tokenizer
 from alignkit.recipes.offline import save_run
 from alignkit.recipes.online import (
     OnlineConfig,
@@ -41,6 +42,7 @@ from alignkit.training.common import (
     set_threads,
 )
 from alignkit.training.distributed import Distributed, LossModule, main_first, setup
+from alignkit.training.fused import fused_layers
 from alignkit.training.metrics import MetricsLogger
 from alignkit.training.optim import build_optimizer
 
@@ -124,6 +126,11 @@ class OnlineRun:
     ``runner`` its root, so an update is one root forward and backward), and ``plain``
     is a full, unsharded copy of it, refreshed from the shards at the end of every step
     (:meth:`sync_plain`). Otherwise ``plain`` is the trainable module itself.
+
+    With ``bf16_weights`` (bf16 in one process) a step computes as the offline training
+    loop does: inside :meth:`bf16_scope` the trainable module holds bf16 copies of its
+    fp32 weights (sampling, scoring, the update's forward and backward), and the
+    separate frozen reference holds bf16 weights for good.
     """
 
     config: OnlineConfig
@@ -143,6 +150,7 @@ class OnlineRun:
     last_checkpoint: str | None
     states: dict[str, Any]
     bf16: bool
+    bf16_weights: bool  # see bf16_scope
     sampler: PromptSampler
     logger: MetricsLogger | None
     eval_reference: dict[str, float]  # held-out metrics of the starting policy
@@ -179,7 +187,11 @@ class OnlineRun:
         job.barrier()  # every rank has checked before rank 0 creates or replaces it
         seed_everything(config.seed)
         policy = load_policy(config.model, config.lora, device)
-        reference = ReferencePolicy(policy, config.model, config.reference)
+        bf16 = config.use_bf16()
+        # DDP's gradient buckets are fixed to the fp32 parameters and FSDP2 casts its own
+        # shards: there, autocast over the fp32 weights alone
+        bf16_weights = bf16 and not job.enabled
+        reference = ReferencePolicy(policy, config.model, config.reference, bf16_weights)
         trainable = build_trainable(policy).to(device)  # a fresh value head or critic too
         trainable.train()
         plain, runner = trainable, None
@@ -214,7 +226,6 @@ class OnlineRun:
             for name, state in states.items():
                 state.load_state_dict(extra[name])
             last_checkpoint = str(found)
-        bf16 = config.use_bf16()
         session = cls(
             config=config,
             started=started,
@@ -233,6 +244,7 @@ class OnlineRun:
             last_checkpoint=last_checkpoint,
             states=states,
             bf16=bf16,
+            bf16_weights=bf16_weights,
             sampler=PromptSampler(len(inputs.train_prompts), config.prompts_per_step, config.seed),
             logger=(
                 MetricsLogger(output_dir, config.max_steps, start_step, desc=desc)
@@ -259,6 +271,23 @@ class OnlineRun:
         if self.runner is None:
             return compute(self.trainable, *args, **kwargs)
         return self.runner((compute, args, kwargs))
+
+    @contextlib.contextmanager
+    def bf16_scope(self, update: bool = False) -> Iterator[None]:
+        """Inside, with ``bf16_weights``, the trainable module computes from bf16 copies of
+        its weights (:func:`alignkit.models.bf16_compute`); ``update``: also the fused
+        MLPs and norms that save less for backward (:func:`alignkit.training.fused.fused_layers`).
+
+        A step's sampling and no-grad scoring run in one scope, each update's forward
+        *and* backward in another, closed before its optimizer step (on exit the bf16
+        gradients join the fp32 ones). Every pass of the policy in a step then computes
+        the same way: the rollout-time log-probs are those the update starts from, and
+        the reference (bf16 too) matches the starting policy exactly. A no-op otherwise.
+        """
+        enabled = self.bf16_weights
+        with bf16_compute(self.trainable, enabled=enabled):
+            with fused_layers(self.trainable, enabled=enabled and update):
+                yield
 
     def sync_plain(self) -> None:
         """Refresh ``plain`` from the shards (a collective; a no-op without fsdp)."""
@@ -302,9 +331,10 @@ class OnlineRun:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics; every evaluation uses the same sampling seed (that of step 0)."""
-        return evaluate(
-            self.rollout_policy, self.inputs, self.config.sampling(0), self.bf16, self.reference
-        )
+        with self.bf16_scope():
+            return evaluate(
+                self.rollout_policy, self.inputs, self.config.sampling(0), self.bf16, self.reference
+            )
 
     def end_of_step(self, step: int, metrics: dict[str, float], final: bool = False) -> bool:
         """Refresh ``plain``, evaluate when due, log, checkpoint when due; returns ``final``

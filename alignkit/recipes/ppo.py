@@ -244,21 +244,22 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         # 1. rollout: sample, then (no grad) the policy's log-probs, entropy and values;
         # each rank samples its slice of the prompts, then all ranks hold the whole batch
         batch, first_row = session.local_prompts(step)
-        experience = collect_experience(
-            policy,
-            inputs.tokenizer,
-            [inputs.train_prompts[i] for i in batch],
-            [inputs.train_ids[i] for i in batch],
-            config.sampling(step),
-            config.samples_per_prompt,
-            inputs.reward_fn,
-            config.reward,
-            bf16,
-            reference=session.reference,
-            gold_fn=inputs.gold_fn,
-            critic=critic,
-            first_row=first_row,
-        )
+        with session.bf16_scope():
+            experience = collect_experience(
+                policy,
+                inputs.tokenizer,
+                [inputs.train_prompts[i] for i in batch],
+                [inputs.train_ids[i] for i in batch],
+                config.sampling(step),
+                config.samples_per_prompt,
+                inputs.reward_fn,
+                config.reward,
+                bf16,
+                reference=session.reference,
+                gold_fn=inputs.gold_fn,
+                critic=critic,
+                first_row=first_row,
+            )
         experience = gather_experience(job, experience, pad_id)
         mask, old_logps, old_values = experience.mask, experience.old_logps, experience.old_values
         # 2. score: missing-EOS penalty, optional running normalisation
@@ -286,35 +287,36 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                 rows, config.num_minibatches, config.seed, step, epoch
             ):
                 index = job.local_rows(minibatch)  # this rank's chunk of the minibatch
-                pg_loss, vf_loss, loss_metrics, new_logps, new_values = session.forward(
-                    minibatch_losses,
-                    experience.rows(index),
-                    old_logps[index],
-                    old_values[index],
-                    advantages[index],
-                    returns[index],
-                    mask[index],
-                    experience.rollout.prompt_length,
-                    experience.rollout.temperature,
-                )
-                loss = pg_loss + config.vf_coef * vf_loss
-                part = {
-                    "pg_loss": float(pg_loss.detach()),
-                    "value_loss": float(vf_loss.detach()),
-                    "grad_norm": 0.0,  # set after the step
-                    **{k: float(v) for k, v in loss_metrics.items()},
-                }
-                if job.enabled:
-                    # both losses are token means: this rank's share of the minibatch's tokens
-                    share = float(mask[index].sum() / mask[minibatch].sum().clamp(min=1))
-                    loss = loss * share
-                    part = job.weighted_sum(part, share)
-                    part["explained_variance"] = explained_variance(
-                        job, new_values, returns[index], mask[index]
+                with session.bf16_scope(update=True):
+                    pg_loss, vf_loss, loss_metrics, new_logps, new_values = session.forward(
+                        minibatch_losses,
+                        experience.rows(index),
+                        old_logps[index],
+                        old_values[index],
+                        advantages[index],
+                        returns[index],
+                        mask[index],
+                        experience.rollout.prompt_length,
+                        experience.rollout.temperature,
                     )
-                total = part["pg_loss"] + config.vf_coef * part["value_loss"]
-                check_finite(total, "loss", step, session.last_checkpoint)
-                job.backward(loss)
+                    loss = pg_loss + config.vf_coef * vf_loss
+                    part = {
+                        "pg_loss": float(pg_loss.detach()),
+                        "value_loss": float(vf_loss.detach()),
+                        "grad_norm": 0.0,  # set after the step
+                        **{k: float(v) for k, v in loss_metrics.items()},
+                    }
+                    if job.enabled:
+                        # both losses are token means: this rank's share of the minibatch's tokens
+                        share = float(mask[index].sum() / mask[minibatch].sum().clamp(min=1))
+                        loss = loss * share
+                        part = job.weighted_sum(part, share)
+                        part["explained_variance"] = explained_variance(
+                            job, new_values, returns[index], mask[index]
+                        )
+                    total = part["pg_loss"] + config.vf_coef * part["value_loss"]
+                    check_finite(total, "loss", step, session.last_checkpoint)
+                    job.backward(loss)
                 part["grad_norm"] = optimizer_update(
                     params,
                     session.optimizer,

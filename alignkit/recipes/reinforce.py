@@ -206,21 +206,22 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         # 1. rollout: k samples per prompt, then (no grad) old and reference log-probs;
         # each rank samples its slice of the prompts, then all ranks hold the whole batch
         batch, first_row = session.local_prompts(step)
-        experience = collect_experience(
-            policy,
-            inputs.tokenizer,
-            [inputs.train_prompts[i] for i in batch],
-            [inputs.train_ids[i] for i in batch],
-            config.sampling(step),
-            k,
-            inputs.reward_fn,
-            config.reward,
-            bf16,
-            reference=session.reference,
-            gold_fn=inputs.gold_fn,
-            first_row=first_row,
-            policy_pass=not reuse_logps,
-        )
+        with session.bf16_scope():
+            experience = collect_experience(
+                policy,
+                inputs.tokenizer,
+                [inputs.train_prompts[i] for i in batch],
+                [inputs.train_ids[i] for i in batch],
+                config.sampling(step),
+                k,
+                inputs.reward_fn,
+                config.reward,
+                bf16,
+                reference=session.reference,
+                gold_fn=inputs.gold_fn,
+                first_row=first_row,
+                policy_pass=not reuse_logps,
+            )
         experience = gather_experience(job, experience, pad_id)
         mask, old_logps, ref_logps = experience.mask, experience.old_logps, experience.ref_logps
         # 2. score
@@ -261,44 +262,47 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                 index = job.local_rows(minibatch)  # this rank's chunk of the minibatch
                 mb_mask = mask[index]
                 mb_old = old_logps[index] if old_logps is not None else None
-                loss, loss_metrics, new_logps, new_entropy = session.forward(
-                    minibatch_loss,
-                    experience.rows(index),
-                    mb_old,
-                    ref_logps[index] if ref_logps is not None else None,
-                    advantages[index],
-                    mb_mask,
-                    experience.rollout.prompt_length,
-                    experience.rollout.temperature,
-                )
-                if mb_old is None:  # reuse_logps: the rollout-time values are these
-                    mb_old = new_logps
-                    old_logps = torch.empty_like(new_logps).index_copy_(0, index, new_logps)
-                    entropy = torch.empty_like(new_entropy).index_copy_(0, index, new_entropy)
-                    experience.old_logps, experience.entropy = old_logps, entropy
-                log_ratio = new_logps - mb_old
-                part = {
-                    "loss": float(loss.detach()),
-                    "grad_norm": 0.0,  # set after the step
-                    "approx_kl": float(masked_mean(torch.expm1(log_ratio) - log_ratio, mb_mask)),
-                    **{k_: float(v) for k_, v in loss_metrics.items()},
-                }
-                if job.enabled:
-                    # this rank's share of the minibatch: of its tokens for token means, of
-                    # its rows for sequence means (grpo's losses, REINFORCE, the k3 term)
-                    token_share = float(mb_mask.sum() / mask[minibatch].sum().clamp(min=1))
-                    row_share = len(index) / len(minibatch)
-                    loss_share = token_share if algo == "reinforce_pp" else row_share
-                    loss = loss * loss_share
-                    shares = {key: token_share for key in part}
-                    shares["loss"] = loss_share
-                    part = job.weighted_sum(part, shares)
-                    if "advantage_mean" in part:  # every rank holds all advantages
-                        whole = advantages[minibatch].detach().float()
-                        part["advantage_mean"] = float(whole.mean())
-                        part["advantage_std"] = float(whole.std(correction=0))
-                check_finite(part["loss"], "loss", step, session.last_checkpoint)
-                job.backward(loss)
+                with session.bf16_scope(update=True):
+                    loss, loss_metrics, new_logps, new_entropy = session.forward(
+                        minibatch_loss,
+                        experience.rows(index),
+                        mb_old,
+                        ref_logps[index] if ref_logps is not None else None,
+                        advantages[index],
+                        mb_mask,
+                        experience.rollout.prompt_length,
+                        experience.rollout.temperature,
+                    )
+                    if mb_old is None:  # reuse_logps: the rollout-time values are these
+                        mb_old = new_logps
+                        old_logps = torch.empty_like(new_logps).index_copy_(0, index, new_logps)
+                        entropy = torch.empty_like(new_entropy).index_copy_(0, index, new_entropy)
+                        experience.old_logps, experience.entropy = old_logps, entropy
+                    log_ratio = new_logps - mb_old
+                    part = {
+                        "loss": float(loss.detach()),
+                        "grad_norm": 0.0,  # set after the step
+                        "approx_kl": float(
+                            masked_mean(torch.expm1(log_ratio) - log_ratio, mb_mask)
+                        ),
+                        **{k_: float(v) for k_, v in loss_metrics.items()},
+                    }
+                    if job.enabled:
+                        # this rank's share of the minibatch: of its tokens for token means, of
+                        # its rows for sequence means (grpo's losses, REINFORCE, the k3 term)
+                        token_share = float(mb_mask.sum() / mask[minibatch].sum().clamp(min=1))
+                        row_share = len(index) / len(minibatch)
+                        loss_share = token_share if algo == "reinforce_pp" else row_share
+                        loss = loss * loss_share
+                        shares = {key: token_share for key in part}
+                        shares["loss"] = loss_share
+                        part = job.weighted_sum(part, shares)
+                        if "advantage_mean" in part:  # every rank holds all advantages
+                            whole = advantages[minibatch].detach().float()
+                            part["advantage_mean"] = float(whole.mean())
+                            part["advantage_std"] = float(whole.std(correction=0))
+                    check_finite(part["loss"], "loss", step, session.last_checkpoint)
+                    job.backward(loss)
                 part["grad_norm"] = optimizer_update(
                     params,
                     session.optimizer,

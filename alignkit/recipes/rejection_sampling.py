@@ -114,19 +114,20 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         # 1. sample n completions per prompt from the current policy  2. score them
         # (each rank its slice of the prompts; then every rank holds the whole batch)
         batch, first_row = session.local_prompts(step)
-        experience = sample_and_score(
-            policy,
-            inputs.tokenizer,
-            [inputs.train_prompts[i] for i in batch],
-            [inputs.train_ids[i] for i in batch],
-            config.sampling(step),
-            n,
-            inputs.reward_fn,
-            bf16,
-            gold_fn=inputs.gold_fn,
-            reward_name=config.reward,
-            first_row=first_row,
-        )
+        with session.bf16_scope():
+            experience = sample_and_score(
+                policy,
+                inputs.tokenizer,
+                [inputs.train_prompts[i] for i in batch],
+                [inputs.train_ids[i] for i in batch],
+                config.sampling(step),
+                n,
+                inputs.reward_fn,
+                bf16,
+                gold_fn=inputs.gold_fn,
+                reward_name=config.reward,
+                first_row=first_row,
+            )
         experience, _ = session.gather_samples(experience)
         scores = experience.scores
         check_finite(float(scores.sum()), "reward", step, session.last_checkpoint)
@@ -162,15 +163,16 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
                     "attention_mask": rollout.attention_mask[index],
                     "completion_mask": rollout.completion_mask[index],
                 }
-                loss, _ = session.forward(autocast_loss, sft_batch, bf16)
-                loss_value = float(loss.detach())
-                if job.enabled:  # a token mean: this rank's share of the batch's tokens
-                    mask = rollout.completion_mask
-                    share = float(mask[index].sum() / mask[whole].sum().clamp(min=1))
-                    loss = loss * share
-                    loss_value = job.weighted_sum({"loss": loss_value}, share)["loss"]
-                check_finite(loss_value, "loss", step, session.last_checkpoint)
-                job.backward(loss)
+                with session.bf16_scope(update=True):
+                    loss, _ = session.forward(autocast_loss, sft_batch, bf16)
+                    loss_value = float(loss.detach())
+                    if job.enabled:  # a token mean: this rank's share of the batch's tokens
+                        mask = rollout.completion_mask
+                        share = float(mask[index].sum() / mask[whole].sum().clamp(min=1))
+                        loss = loss * share
+                        loss_value = job.weighted_sum({"loss": loss_value}, share)["loss"]
+                    check_finite(loss_value, "loss", step, session.last_checkpoint)
+                    job.backward(loss)
                 grad_norms.append(
                     optimizer_update(
                         params,
