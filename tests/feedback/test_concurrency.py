@@ -22,7 +22,13 @@ OVERLAP = 3
 def _hammer(url: str) -> None:
     store = Store(url)
     store.create_project("load", "pairwise", 2, overlap=OVERLAP)
-    n_items = ANNOTATORS * PER_ANNOTATOR // OVERLAP + 10  # 223 items, 669 slots for 640 judgments
+    # Enough items that no schedule leaves an annotator without one: when an annotator
+    # asks for its next item, the others hold at most 31 x 20 slots, so at most 206 items
+    # are full without it, and it has judged at most 19: 225 items closed to it, and 227
+    # (681 slots for 640 judgments) always leave it one. With fewer, a thread the
+    # scheduler starves can find only items it judged, and lease_next rightly says None.
+    others = (ANNOTATORS - 1) * PER_ANNOTATOR
+    n_items = others // OVERLAP + PER_ANNOTATOR + 1
     store.add_items("load", pairwise_items(n_items))
     names = [f"ann{i:02d}" for i in range(ANNOTATORS)]
     for name in names:
