@@ -51,6 +51,12 @@ _BUILT: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FastDecoder]] = (
 # Sampling-only models whose linear weights live only in their decoder (FastDecoder.take).
 _OWNED: weakref.WeakKeyDictionary[nn.Module, FastDecoder] = weakref.WeakKeyDictionary()
 
+# One row attending over at most this many filled cache slots runs SDPA's kernel; over
+# more, the two batched products in fp32. 2 threads, the embedded model, one layer's
+# attention over 20 / 60 / 150 / 300 / 1000 slots: SDPA 24 / 48 / 97 / 238 / 582 us, the
+# fp32 products 28 / 30 / 51 / 81 / 117 us (docs/benchmarks.md).
+_ONE_ROW_SDPA_SLOTS = 32
+
 # Reads the values of a model's tensors from its checkpoint (see FastDecoder.take).
 Reader = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
@@ -355,8 +361,23 @@ class FastDecoder:
         products with the query heads of each key/value head stacked as the rows of one
         (no key or value repeated). At one query position SDPA's CPU kernel took 1.6 ms
         a layer at batch 32 over ~110 cached keys where the products take 0.27 ms
-        (2 threads; docs/benchmarks.md). A single row keeps SDPA, as fast there.
+        (2 threads; docs/benchmarks.md). A single row runs the products in fp32 (its
+        keys and values copied: a row's copies cost less than the bf16 kernels' fixed
+        overhead), 2-5x faster than SDPA over 60-1000 slots, and as exact; over a short
+        cache (at most ``_ONE_ROW_SDPA_SLOTS`` filled slots) it keeps SDPA.
         """
+        # every cast below is explicit; autocast (on around a bf16 rollout) would run the
+        # one-row fp32 products in bf16
+        with torch.autocast(tokens.device.type, enabled=False):
+            return self._step(tokens, positions, cache, attention_mask)
+
+    def _step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Cache,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
         n = tokens.shape[0]
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         split = (heads + kv_heads) * head_dim
@@ -366,20 +387,23 @@ class FastDecoder:
         # rotate_half(x) * sin == roll(x, D/2) * (sin with its first half negated)
         half = head_dim // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        # n > 1 rows attend over each layer's whole buffer (zeros past the filled slots):
-        # the products read it in place, where the filled part's view would be copied
+        # the batched products attend over each layer's whole buffer (zeros past the
+        # filled slots): they read it in place, where the filled part's view would be copied
         filled = attention_mask.shape[1]
         for kv in cache.layers:
             kv.reserve(filled)
-        width = cache.layers[0].key_buffer.shape[2] if n > 1 else filled
+        sdpa = n == 1 and filled <= _ONE_ROW_SDPA_SLOTS
+        width = filled if sdpa else cache.layers[0].key_buffer.shape[2]
         # 0 where a row attends, -inf where it does not: (n, 1, 1, width) for SDPA (one
         # row; None when it attends every slot, as an unpadded prompt does: SDPA then
         # takes half the time), else (n x kv, 1, width), the rows of the batched products
+        one_row_fp32 = n == 1 and not sdpa
         mask = None
-        if n > 1 or not bool(attention_mask.all()):
-            mask = torch.full((n, width), float("-inf"), dtype=dtype, device=hidden.device)
+        if not sdpa or not bool(attention_mask.all()):
+            mask_dtype = torch.float32 if one_row_fp32 else dtype
+            mask = torch.full((n, width), float("-inf"), dtype=mask_dtype, device=hidden.device)
             mask[:, :filled].masked_fill_(attention_mask != 0, 0.0)
-            mask = mask.repeat_interleave(kv_heads, 0)[:, None] if n > 1 else mask[:, None, None]
+            mask = mask[:, None, None] if sdpa else mask.repeat_interleave(kv_heads, 0)[:, None]
         # buffers every layer reuses (each is read before the next layer writes it)
         rotated = hidden.new_empty((n, heads + kv_heads, head_dim), dtype=dtype)
         # the query heads of each key/value head as rows: (n, kv, heads / kv, D); (n, kv, D)
@@ -392,7 +416,7 @@ class FastDecoder:
             rotating = qkv.narrow(1, 0, split).view(n, heads + kv_heads, head_dim)
             torch.addcmul(rotating * cos, rotating.roll(half, -1), sin, out=rotated)
             kv.append(key, qkv.narrow(1, split, kv_heads * head_dim).view(n, kv_heads, head_dim))
-            if n == 1:  # one row: SDPA's kernel is as fast or faster (batch-1 generate)
+            if sdpa:  # one row over a short cache: SDPA's kernel is faster
                 attended = F.scaled_dot_product_attention(
                     query.view(1, heads, 1, head_dim), kv.keys, kv.values, attn_mask=mask,
                     enable_gqa=True,
@@ -401,12 +425,14 @@ class FastDecoder:
                 # softmax(q k^T / sqrt(D) + mask) v as two batched products: at one query
                 # position a row per head, which SDPA's kernel runs 4-6x slower at batch 8-32
                 keys = kv.key_buffer.view(n * kv_heads, width, head_dim)
+                values = kv.value_buffer.view(n * kv_heads, width, head_dim)
                 rows = query.reshape(n * kv_heads, heads // kv_heads, head_dim)
+                if one_row_fp32:
+                    rows, keys, values = rows.float(), keys.float(), values.float()
                 scores = torch.baddbmm(mask, rows, keys.transpose(1, 2), alpha=scale)
                 # (the CPU kernel accumulates bf16 in fp32: the fp32 softmax, rounded once)
                 probs = torch.softmax(scores, dim=-1)
-                values = kv.value_buffer.view(n * kv_heads, width, head_dim)
-                attended = torch.bmm(probs, values)  # (n x kv, heads / kv, D)
+                attended = torch.bmm(probs, values).to(dtype)  # (n x kv, heads / kv, D)
             hidden += layer.out.flat(attended.view(n, -1))
             gate_up = layer.gate_up.flat(self._normed(hidden, layer.post_norm, normed))
             inner = gate_up.shape[1] // 2

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from alignkit import decode
 from alignkit.decode import FastDecoder
 from alignkit.models import autocast, load_policy, load_sampler, load_tokenizer
 from alignkit.rollout import (
@@ -61,19 +62,39 @@ def _decode_both(model, bf16: bool, steps: int = 6, rows: int = 2, padded: bool 
     return torch.stack(plain), torch.stack(fast)
 
 
+# one_row_sdpa_slots 0: a single row attends through the fp32 products over the whole
+# buffer (as over a long cache), 96: through SDPA (these caches are all shorter), 24:
+# SDPA, then the products once the cache holds 25 slots
 @pytest.mark.parametrize(
-    ("rows", "steps", "padded"), [(1, 6, False), (1, 6, True), (2, 6, False), (2, 40, False)]
+    ("rows", "steps", "padded", "one_row_sdpa_slots"),
+    [
+        (1, 6, False, 96),
+        (1, 6, True, 96),
+        (1, 40, True, 96),
+        (1, 6, False, 0),
+        (1, 6, True, 0),
+        (1, 40, True, 0),
+        (1, 40, False, 24),
+        (2, 6, False, 96),
+        (2, 40, False, 96),
+    ],
 )
-def test_fast_step_gives_the_hf_logits_in_fp32(tiny_model, rows, steps, padded):
+def test_fast_step_gives_the_hf_logits_in_fp32(
+    tiny_model, monkeypatch, rows, steps, padded, one_row_sdpa_slots
+):
     """40 steps: the cache's buffers grow while the step attends over them whole."""
+    monkeypatch.setattr(decode, "_ONE_ROW_SDPA_SLOTS", one_row_sdpa_slots)
     model = load_policy(tiny_model).eval()
     plain, fast = _decode_both(model, bf16=False, steps=steps, rows=rows, padded=padded)
     assert plain.abs().max() > 0.1  # real logits, not zeros
     assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 2])
-def test_fast_step_is_within_bf16_tolerance_of_autocast(tiny_model, rows):
+@pytest.mark.parametrize(("rows", "one_row_sdpa_slots"), [(1, 96), (1, 0), (2, 96)])
+def test_fast_step_is_within_bf16_tolerance_of_autocast(
+    tiny_model, monkeypatch, rows, one_row_sdpa_slots
+):
+    monkeypatch.setattr(decode, "_ONE_ROW_SDPA_SLOTS", one_row_sdpa_slots)
     model = load_policy(tiny_model).eval()
     plain, fast = _decode_both(model, bf16=True, rows=rows)
     scale = plain.abs().max()
@@ -200,16 +221,19 @@ def test_other_architectures_and_lora_keep_the_hf_forward(tiny_model):
     assert FastDecoder.build(load_policy(tiny_model), 64, bf16=False) is not None
 
 
-def test_embedded_model_fast_step_within_bf16_of_the_hf_step():
+@pytest.mark.parametrize("rows", [2, 1])
+def test_embedded_model_fast_step_within_bf16_of_the_hf_step(monkeypatch, rows):
     """On the real model: the fast step's bf16 logits are about as close to fp32 as autocast's.
 
     Its attention scores are bf16 products (as transformers' eager attention computes
     them), SDPA's accumulate in fp32: the errors measured 0.46 max / 0.088 mean against
-    autocast's 0.42 / 0.081 on logits up to ~34.
+    autocast's 0.42 / 0.081 on logits up to ~34. One row attends through the products
+    here too (as over a long cache).
     """
+    monkeypatch.setattr(decode, "_ONE_ROW_SDPA_SLOTS", 0)
     model = load_policy("smollm2-135m-instruct").eval()
-    plain, fast = _decode_both(model, bf16=True)
-    exact, _ = _decode_both(model, bf16=False)
+    plain, fast = _decode_both(model, bf16=True, rows=rows)
+    exact, _ = _decode_both(model, bf16=False, rows=rows)
     bf16_error = (plain - exact).abs()
     assert bf16_error.max() > 0  # bf16 really ran
     fast_error = (fast - exact).abs()
