@@ -363,8 +363,9 @@ class FastDecoder:
         a layer at batch 32 over ~110 cached keys where the products take 0.27 ms
         (2 threads; docs/benchmarks.md). A single row runs the products in fp32 (its
         keys and values copied: a row's copies cost less than the bf16 kernels' fixed
-        overhead), 2-5x faster than SDPA over 60-1000 slots, and as exact; over a short
-        cache (at most ``_ONE_ROW_SDPA_SLOTS`` filled slots) it keeps SDPA.
+        overhead), 1.6-5x faster than SDPA over 60-1000 slots, and no less exact (SDPA
+        accumulates in fp32 too); over a short cache (at most ``_ONE_ROW_SDPA_SLOTS``
+        filled slots) it keeps SDPA.
         """
         # every cast below is explicit; autocast (on around a bf16 rollout) would run the
         # one-row fp32 products in bf16
