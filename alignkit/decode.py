@@ -394,11 +394,12 @@ class FastDecoder:
         for kv in cache.layers:
             kv.reserve(filled)
         sdpa = n == 1 and filled <= _ONE_ROW_SDPA_SLOTS
+        one_row_fp32 = n == 1 and not sdpa  # the products, in fp32
         width = filled if sdpa else cache.layers[0].key_buffer.shape[2]
         # 0 where a row attends, -inf where it does not: (n, 1, 1, width) for SDPA (one
         # row; None when it attends every slot, as an unpadded prompt does: SDPA then
         # takes half the time), else (n x kv, 1, width), the rows of the batched products
-        one_row_fp32 = n == 1 and not sdpa
+        # (fp32 for one row's)
         mask = None
         if not sdpa or not bool(attention_mask.all()):
             mask_dtype = torch.float32 if one_row_fp32 else dtype

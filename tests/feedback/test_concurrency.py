@@ -19,7 +19,8 @@ PER_ANNOTATOR = 20
 OVERLAP = 3
 
 
-def _hammer(url: str) -> None:
+def _hammer(url: str) -> dict[str, int]:
+    """Run the load; the ledger's counts afterwards (the per-annotator checks run here)."""
     store = Store(url)
     store.create_project("load", "pairwise", 2, overlap=OVERLAP)
     # Enough items that no schedule leaves an annotator without one: when an annotator
@@ -68,15 +69,20 @@ def _hammer(url: str) -> None:
         ).scalar_one()
         worst = connection.execute(
             text("SELECT max(c) FROM (SELECT count(*) c FROM leases GROUP BY item_id) s")
-        )
-        assert done == len(judgments) and worst.scalar_one() <= OVERLAP
+        ).scalar_one()
     store.close()
+    return {"judgments": len(judgments), "done_leases": done, "most_leases_on_an_item": worst}
+
+
+def _check(ledger: dict[str, int]) -> None:
+    assert ledger["judgments"] == ledger["done_leases"] == ANNOTATORS * PER_ANNOTATOR
+    assert ledger["most_leases_on_an_item"] <= OVERLAP
 
 
 def test_concurrent_annotators_sqlite(sqlite_url: str) -> None:
-    _hammer(sqlite_url)
+    _check(_hammer(sqlite_url))
 
 
 @pytest.mark.postgres
 def test_concurrent_annotators_postgres(fresh_postgres_url: str) -> None:
-    _hammer(fresh_postgres_url)
+    _check(_hammer(fresh_postgres_url))
