@@ -318,11 +318,16 @@ class FastDecoder:
         self,
         input_ids: torch.Tensor,  # (B, P) left-padded prompts
         attention_mask: torch.Tensor,  # (B, P)
-        cache: Cache,  # empty preallocated layers
+        cache: Cache,  # preallocated layers, empty or holding a prefix every row shares
     ) -> torch.Tensor:
-        """Run the prompts into ``cache``; the logits after each one's last token (B, V) fp32."""
+        """Run the prompts into ``cache``; the logits after each one's last token (B, V) fp32.
+
+        Slots already in ``cache`` (a shared prefix, :func:`alignkit.rollout._prefill`)
+        come before the prompts: every row attends to them, its positions start after them.
+        """
         batch, width = input_ids.shape
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        past = cache.get_seq_length()
+        positions = past + (attention_mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.embed(input_ids).float()  # (B, P, H)
         cos, sin = (t[:, :, None] for t in self.rotary(hidden, positions))  # (B, P, 1, D)
         device = input_ids.device
@@ -331,7 +336,9 @@ class FastDecoder:
         # row of the mask is empty (an empty row would give NaN where nothing reads it)
         mask = causal & attention_mask.bool()[:, None, :]
         mask |= torch.eye(width, dtype=torch.bool, device=device)
-        mask = mask[:, None]  # (B, 1, P, P)
+        if past:  # and every query sees the prefix
+            mask = torch.cat((mask.new_ones(batch, width, past), mask), dim=-1)
+        mask = mask[:, None]  # (B, 1, P, past + P)
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             query, key, value = self._rotated(
                 layer.qkv(self._rms_norm(hidden, layer.input_norm)), cos, sin

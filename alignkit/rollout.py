@@ -3,7 +3,9 @@
 :func:`generate` runs the decode loop itself: a prefill of the prompts (each prompt
 once, in groups of like length so little padding is computed, its cache then
 repeated for its ``num_samples`` samples), then one token per step with the KV
-cache. Rows that reach EOS emit padding and are dropped from the batch (their cache
+cache; tokens every prompt starts with (a chat template's system turn) are prefilled
+once and their keys and values copied to every row (:func:`shared_prefix_length`).
+Rows that reach EOS emit padding and are dropped from the batch (their cache
 rows with them) once enough of them have finished to pay for the copy. The cache is
 preallocated for the whole rollout (no ``torch.cat`` per step) and its views cover
 only the filled part, so attention never runs over empty slots. Under bf16 on CPU
@@ -168,20 +170,31 @@ class _PreallocatedLayer(DynamicLayer):
         self.length += 1
         self._refresh_views()
 
-    def place(self, rows: torch.Tensor, piece: _PreallocatedLayer, batch: int, width: int) -> None:
+    def start_with(self, head: _PreallocatedLayer, rows: int) -> None:
+        """Begin ``rows`` rows, each holding ``head``'s slots (one row: a prefix they share)."""
+        self.lazy_initialization(head.keys, head.values)
+        self.key_buffer = head.keys.expand(rows, -1, -1, -1).contiguous()
+        self.value_buffer = head.values.expand(rows, -1, -1, -1).contiguous()
+        self.length = head.length
+        self._refresh_views()
+
+    def place(
+        self, rows: torch.Tensor, piece: _PreallocatedLayer, batch: int, width: int, skip: int = 0
+    ) -> None:
         """Write ``piece``'s states (its rows prefilled apart) at ``rows``, ending at ``width``.
 
-        Slots left of a short prompt hold zeros (masked out) rather than uninitialised
-        memory, which could be NaN.
+        ``skip``: the piece's first slots, a prefix already in place here
+        (:meth:`start_with`), are not copied. Slots left of a short prompt hold zeros
+        (masked out) rather than uninitialised memory, which could be NaN.
         """
         if not self.is_initialized:
             self.lazy_initialization(piece.keys[:1], piece.values[:1])
             self.key_buffer = self.key_buffer.new_zeros(batch, *self.key_buffer.shape[1:])
             self.value_buffer = self.value_buffer.new_zeros(batch, *self.value_buffer.shape[1:])
         self.reserve(width)
-        start = width - piece.length
-        self.key_buffer[rows, :, start:width] = piece.keys.to(self.key_buffer.dtype)
-        self.value_buffer[rows, :, start:width] = piece.values
+        start = width - (piece.length - skip)
+        self.key_buffer[rows, :, start:width] = piece.keys[:, :, skip:].to(self.key_buffer.dtype)
+        self.value_buffer[rows, :, start:width] = piece.values[:, :, skip:]
         self.length = width
         self._refresh_views()
 
@@ -233,14 +246,40 @@ def length_buckets(lengths: Sequence[int], overhead: int | None = None) -> list[
     return groups[::-1]
 
 
+def shared_prefix_length(prompt_ids: Sequence[Sequence[int]], overhead: int | None = None) -> int:
+    """How many first tokens of the prompts to prefill once for all of them (0: none).
+
+    A chat template puts the same turns before every prompt (SmolLM2's default system
+    turn is 24 of the ~44 tokens of the benchmark's HH prompts). Those tokens' keys and
+    values are the same in every row (same tokens, same positions), so :func:`_prefill`
+    runs them once and copies them to each row. It pays when the (B - 1) x length
+    tokens saved outweigh one more forward (``overhead`` padded tokens, default
+    ``_BUCKET_OVERHEAD``). Each prompt keeps at least its last token, whose logits
+    start the sampling.
+    """
+    overhead = _BUCKET_OVERHEAD if overhead is None else overhead
+    if len(prompt_ids) < 2:
+        return 0
+    first = prompt_ids[0]
+    length = min(len(ids) for ids in prompt_ids) - 1
+    for ids in prompt_ids[1:]:
+        length = next((i for i in range(length) if ids[i] != first[i]), length)
+    return length if (len(prompt_ids) - 1) * length > overhead else 0
+
+
 def _prefill_logits(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Cache
 ) -> torch.Tensor:
-    """Run left-padded prompts into ``cache``; the logits after each one's last token. (B, V)"""
+    """Run left-padded prompts into ``cache``; the logits after each one's last token. (B, V)
+
+    Slots already in ``cache`` (a shared prefix) come before the prompts and every row
+    attends to them.
+    """
+    past = cache.get_seq_length()
     output = model(
         input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        attention_mask=F.pad(attention_mask, (past, 0), value=1),
+        position_ids=past + (attention_mask.cumsum(-1) - 1).clamp(min=0),
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
@@ -252,35 +291,53 @@ def _prefill(
     model: nn.Module,
     cache: Cache,
     prompt_ids: Sequence[Sequence[int]],
-    prompt_tensor: torch.Tensor,  # (B, P) left-padded
-    prompt_mask: torch.Tensor,  # (B, P)
     pad_id: int,
+    device: torch.device,
     decoder: FastDecoder | None = None,
-) -> torch.Tensor:
-    """Run the prompts into ``cache`` (B rows, prompts ending at column P); last logits (B, V).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the prompts into ``cache``: their last logits (B, V) and the cache's mask (B, P).
 
     Left padding to the longest prompt would compute every pad position. Prompts are
     run in :func:`length_buckets` groups instead, each padded to its own longest, and
     their keys and values written at their rows and columns of the cache, whose other
     slots are zeros under a masked-out position: the states of the one padded batch.
+    A prefix all prompts share (:func:`shared_prefix_length`) is run once and fills
+    the first slots of every row; each row then holds padding, then the rest of its
+    prompt, ending at column P. The mask (1 on a slot that holds a token) says so.
     """
-    batch, width = prompt_tensor.shape
     run = decoder.prefill if decoder is not None else functools.partial(_prefill_logits, model)
+    shared = shared_prefix_length(prompt_ids)
+    head = _new_cache(model, shared)
+    if shared:
+        prefix = torch.tensor([list(prompt_ids[0][:shared])], device=device)
+        run(prefix, torch.ones_like(prefix), head)
+        prompt_ids = [ids[shared:] for ids in prompt_ids]
+
+    def started(part: Cache, rows: int) -> Cache:  # ``part`` holding the shared prefix
+        if shared:
+            for layer, head_layer in zip(part.layers, head.layers, strict=True):
+                layer.start_with(head_layer, rows)
+        return part
+
+    own, own_mask = _left_pad(prompt_ids, pad_id, device)  # (B, P - shared)
+    batch, width = own.shape
+    mask = F.pad(own_mask, (shared, 0), value=1)
     groups = length_buckets([len(ids) for ids in prompt_ids])
     if len(groups) == 1:
-        return run(prompt_tensor, prompt_mask, cache)
+        return run(own, own_mask, started(cache, batch)), mask
+    started(cache, batch)
     logits = None
     for rows in groups:
-        ids, mask = _left_pad([prompt_ids[i] for i in rows], pad_id, prompt_tensor.device)
-        part = _new_cache(model, ids.shape[1])
-        last = run(ids, mask, part)
+        ids, part_mask = _left_pad([prompt_ids[i] for i in rows], pad_id, device)
+        part = started(_new_cache(model, shared + ids.shape[1]), len(rows))
+        last = run(ids, part_mask, part)
         if logits is None:
             logits = last.new_empty(batch, last.shape[-1])
-        index = torch.tensor(rows, device=prompt_tensor.device)
+        index = torch.tensor(rows, device=device)
         logits[index] = last
         for layer, piece in zip(cache.layers, part.layers, strict=True):
-            layer.place(index, piece, batch, width)
-    return logits
+            layer.place(index, piece, batch, shared + width, skip=shared)
+    return logits, mask
 
 
 def _new_cache(model: nn.Module, capacity: int) -> Cache:
@@ -551,7 +608,6 @@ def generate(
     logps = torch.zeros((rows_total, max_steps), dtype=torch.float32, device=device)
     finished = torch.zeros(rows_total, dtype=torch.bool, device=device)
     attention = torch.ones((rows_total, prompt_length + max_steps), dtype=torch.long, device=device)
-    attention[:, :prompt_length] = prompt_mask.repeat_interleave(num_samples, dim=0)
     first_position = prompt_mask.sum(-1).repeat_interleave(num_samples)  # (N,)
 
     decoder = FastDecoder.owner(model)
@@ -582,8 +638,10 @@ def generate(
         ):
             cache = _new_cache(model, prompt_length + max_steps)
             # 1. prefill: each prompt once (prompts of like length together, so little
-            # padding is computed), then its cache and logits repeated per sample
-            logits = _prefill(model, cache, prompt_ids, prompt_tensor, prompt_mask, pad_id, decoder)
+            # padding is computed; a prefix they share once), then its cache and logits
+            # repeated per sample
+            logits, cache_mask = _prefill(model, cache, prompt_ids, pad_id, device, decoder)
+            attention[:, :prompt_length] = cache_mask.repeat_interleave(num_samples, dim=0)
             logits = logits.repeat_interleave(num_samples, dim=0)  # (N, V)
             cache.batch_repeat_interleave(num_samples)
             rows = torch.arange(rows_total, device=device)  # rows still in the batch

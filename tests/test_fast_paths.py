@@ -11,6 +11,8 @@
   log-probs as autocast's linears, and the model's own linears back afterwards;
 - prompts prefilled in groups of like length: the groups worked by hand, and the
   same tokens (fp32) and last logits and cache (bf16 tolerance) as one padded batch;
+- a prefix all prompts share prefilled once: its length worked by hand, and the same
+  tokens (fp32, either decode step) and last logits and cache (bf16) as without it;
 - the CLI's runtime environment: the allocator is preloaded once, and can be turned off.
 """
 
@@ -34,7 +36,13 @@ from alignkit.recipes import dpo
 from alignkit.recipes.dpo import make_pairwise_loss
 from alignkit.recipes.policy_gradient import forward_pass
 from alignkit.reference import score_sequences
-from alignkit.rollout import SamplingParams, generate, length_buckets, prepacking_supported
+from alignkit.rollout import (
+    SamplingParams,
+    generate,
+    length_buckets,
+    prepacking_supported,
+    shared_prefix_length,
+)
 from alignkit.training import loop
 from alignkit.training.fused import fused_layers
 from alignkit.training.loop import use_fused_adam
@@ -473,7 +481,8 @@ def test_bucketed_prefill_bf16_logits_and_cache_within_tolerance(tiny_model, mon
     def prefill():
         cache = rollout._new_cache(model, ids.shape[1] + 4)
         with torch.no_grad(), autocast(enabled=True):
-            logits = rollout._prefill(model, cache, prompts, ids, mask, 0)
+            logits, cache_mask = rollout._prefill(model, cache, prompts, 0, torch.device("cpu"))
+        assert torch.equal(cache_mask, mask)  # no prefix shared: the left-padded batch's
         return logits, cache.layers[-1].keys, cache.layers[-1].values
 
     fast = prefill()
@@ -486,6 +495,71 @@ def test_bucketed_prefill_bf16_logits_and_cache_within_tolerance(tiny_model, mon
         keep = real[:, None, :, None].expand_as(want)
         assert torch.allclose(got[keep].float(), want[keep].float(), atol=0.02 * want.abs().max())
         assert (got[~keep] == 0).all()  # left of a short prompt: zeros, never garbage
+
+
+def test_shared_prefix_length_by_hand():
+    prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [1, 2, 3, 4, 6, 7]]
+    assert shared_prefix_length(prompts, overhead=0) == 3
+    assert shared_prefix_length(prompts, overhead=5) == 3  # saves 2 x 3 = 6 > 5 tokens
+    assert shared_prefix_length(prompts, overhead=6) == 0  # 6 saved do not pay for 6
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3], [1, 2, 3, 4]], overhead=0) == 2  # a last
+    assert shared_prefix_length([[7, 2], [1, 2]], overhead=0) == 0  # token of its own each
+    assert shared_prefix_length([[1, 2, 3, 4]], overhead=0) == 0  # nothing to share with
+
+
+def _with_head(lengths, seed=6, head=20):
+    """Prompts of ``head`` common tokens (a chat template's system turn), then their own."""
+    common = _prompts([head], seed=seed + 100)[0]
+    return [common + own for own in _prompts(lengths, seed=seed)]
+
+
+@pytest.mark.parametrize("fast_decode", [False, True])
+def test_shared_prefix_samples_the_tokens_of_one_padded_batch(tiny_model, fast_decode, monkeypatch):
+    model = load_policy(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
+    prompts = _with_head([3, 1, 9, 30, 31, 2, 12])
+    assert shared_prefix_length(prompts) == 20
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)
+    args = (model, tokenizer, prompts, params, 2)
+    shared = generate(*args, bf16=False, fast_decode=fast_decode, first_row=0)
+    monkeypatch.setattr(rollout, "_BUCKET_OVERHEAD", 10**9)  # one padded batch, no prefix
+    assert shared_prefix_length(prompts) == 0
+    plain = generate(*args, bf16=False, fast_decode=fast_decode, first_row=0)
+    assert torch.equal(shared.input_ids, plain.input_ids)
+    assert torch.equal(shared.attention_mask, plain.attention_mask)  # the rollout's layout
+    assert torch.allclose(shared.sampling_logps, plain.sampling_logps, atol=1e-5)
+    assert plain.completion_lengths.sum() >= 14 * 4
+
+
+@pytest.mark.parametrize("lengths", [[3, 1, 9, 30, 31, 2, 12], [4, 6, 5]])  # groups, one group
+def test_shared_prefix_bf16_logits_and_cache_within_tolerance(tiny_model, lengths, monkeypatch):
+    """Each row's cache: the prefix's states first, zeros, then the rest of its prompt's."""
+    model = load_policy(tiny_model).eval()
+    prompts = _with_head(lengths, seed=7)
+    ids, mask = rollout._left_pad(prompts, 0, torch.device("cpu"))
+
+    def prefill():
+        cache = rollout._new_cache(model, ids.shape[1] + 4)
+        with torch.no_grad(), autocast(enabled=True):
+            logits, cache_mask = rollout._prefill(model, cache, prompts, 0, torch.device("cpu"))
+        return logits, cache_mask, cache.layers[-1].keys, cache.layers[-1].values
+
+    shared = prefill()
+    monkeypatch.setattr(rollout, "_BUCKET_OVERHEAD", 10**9)
+    plain = prefill()
+    assert torch.equal(plain[1], mask)
+    # the prefix's 20 slots, padding, then the rest of the prompt (e.g. 20 + 30 + 1 of 51)
+    for row, own in enumerate(lengths):
+        assert shared[1][row].tolist() == [1] * 20 + [0] * (max(lengths) - own) + [1] * own
+    scale = plain[0].abs().max()
+    assert (shared[0] - plain[0]).abs().max() <= 0.02 * scale  # bf16: 8 mantissa bits
+    for got, want in zip(shared[2:], plain[2:], strict=True):
+        for row in range(len(prompts)):  # the same states, in the same order
+            mine, theirs = got[row][:, shared[1][row].bool()], want[row][:, mask[row].bool()]
+            assert torch.allclose(mine.float(), theirs.float(), atol=0.02 * theirs.abs().max())
+            # a masked slot must hold a finite number (0 x NaN in the products would be
+            # NaN): zeros, or a group's pad position's states (it attended the prefix)
+            assert torch.isfinite(got[row]).all()
 
 
 @pytest.mark.parametrize("lora", [False, True])
