@@ -35,7 +35,7 @@ from alignkit.losses.distribution import (
     update_log_partition,
 )
 from alignkit.models import hold_bf16
-from alignkit.recipes.best_of_n import sample_and_score, sequence_logps
+from alignkit.recipes.best_of_n import sequence_logps
 from alignkit.recipes.online import OnlineConfig
 from alignkit.recipes.online_run import OnlineRun
 from alignkit.recipes.policy_gradient import optimizer_update
@@ -243,7 +243,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     )
     # sampling and no-grad scoring use the plain policy (under fsdp a full copy of the
     # sharded one, refreshed every step); the update goes through session.forward
-    policy, inputs, bf16 = session.rollout_policy, session.inputs, session.bf16
+    policy, bf16 = session.rollout_policy, session.bf16
     params = [p for p in session.trainable.parameters() if p.requires_grad]
     proposal = policy
     if config.proposal == "adaptive":
@@ -274,19 +274,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         # the prompts; the estimators are means over prompts, so each rank trains on its own)
         batch, first_row = session.local_prompts(step)
         with session.bf16_scope():
-            samples = sample_and_score(
-                proposal,
-                inputs.tokenizer,
-                [inputs.train_prompts[i] for i in batch],
-                [inputs.train_ids[i] for i in batch],
-                config.sampling(step),
-                n,
-                inputs.reward_fn,
-                bf16,
-                gold_fn=inputs.gold_fn,
-                reward_name=config.reward,
-                first_row=first_row,
-            )
+            samples = session.sample_and_score(proposal, step, batch, first_row, n)
             rollout, scores = samples.rollout, samples.scores
             mask = rollout.completion_mask
             # 2. score: the target log P = S_ref(y) + r / beta

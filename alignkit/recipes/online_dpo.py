@@ -25,7 +25,7 @@ import torch
 from alignkit.config import check, doc
 from alignkit.losses.preference import PAIRWISE_LOSS_SPECS
 from alignkit.models import autocast
-from alignkit.recipes.best_of_n import sample_and_score, sequence_logps
+from alignkit.recipes.best_of_n import sequence_logps
 from alignkit.recipes.dpo import make_pairwise_loss
 from alignkit.recipes.online import OnlineConfig
 from alignkit.recipes.online_run import OnlineRun
@@ -98,7 +98,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     )
     # sampling and the refreshed reference use the plain policy (under fsdp a full copy
     # of the sharded one, refreshed every step); the update goes through session.forward
-    policy, inputs, bf16 = session.rollout_policy, session.inputs, session.bf16
+    policy, bf16 = session.rollout_policy, session.bf16
     params = [p for p in session.trainable.parameters() if p.requires_grad]
     n, job = config.samples_per_prompt, session.job
     spec = PAIRWISE_LOSS_SPECS[config.loss]
@@ -122,19 +122,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         # (each rank its slice of the prompts; then every rank holds the whole batch)
         batch, first_row = session.local_prompts(step)
         with session.bf16_scope():
-            samples = sample_and_score(
-                policy,
-                inputs.tokenizer,
-                [inputs.train_prompts[i] for i in batch],
-                [inputs.train_ids[i] for i in batch],
-                config.sampling(step),
-                n,
-                inputs.reward_fn,
-                bf16,
-                gold_fn=inputs.gold_fn,
-                reward_name=config.reward,
-                first_row=first_row,
-            )
+            samples = session.sample_and_score(policy, step, batch, first_row, n)
             # reference sums of every sample, each rank for its own rows (used once pairs exist)
             per_row = {}
             if spec.needs_reference:

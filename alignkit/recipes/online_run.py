@@ -329,6 +329,30 @@ class OnlineRun:
         start, stop = self.job.part(len(batch))
         return batch[start:stop], start * self.config.samples_per_prompt
 
+    def sample_and_score(
+        self, model: nn.Module, step: int, batch: list[int], first_row: int | None, n: int
+    ) -> Any:
+        """``n`` completions of each training prompt in ``batch`` (:meth:`local_prompts` of
+        ``step``) from ``model`` with the step's sampling settings, scored by the run's
+        reward (and gold) function: a :class:`alignkit.recipes.best_of_n.ScoredSamples`.
+        Call it inside :meth:`bf16_scope`."""
+        from alignkit.recipes.best_of_n import sample_and_score
+
+        inputs = self.inputs
+        return sample_and_score(
+            model,
+            inputs.tokenizer,
+            [inputs.train_prompts[i] for i in batch],
+            [inputs.train_ids[i] for i in batch],
+            self.config.sampling(step),
+            n,
+            inputs.reward_fn,
+            self.bf16,
+            gold_fn=inputs.gold_fn,
+            reward_name=self.config.reward,
+            first_row=first_row,
+        )
+
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics; every evaluation uses the same sampling seed (that of step 0)."""
         with self.bf16_scope():

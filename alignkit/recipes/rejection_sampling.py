@@ -17,7 +17,6 @@ import torch
 
 from alignkit.config import check, doc
 from alignkit.models import autocast
-from alignkit.recipes.best_of_n import sample_and_score
 from alignkit.recipes.online import OnlineConfig
 from alignkit.recipes.online_run import OnlineRun
 from alignkit.recipes.policy_gradient import optimizer_update
@@ -106,7 +105,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
     )
     # sampling uses the plain policy (under fsdp a full copy of the sharded one,
     # refreshed every step); the update goes through session.forward
-    policy, inputs, bf16 = session.rollout_policy, session.inputs, session.bf16
+    policy, bf16 = session.rollout_policy, session.bf16
     params = [p for p in session.trainable.parameters() if p.requires_grad]
     n, job = config.samples_per_prompt, session.job
 
@@ -115,19 +114,7 @@ def run(config: Config, overwrite: bool = False, resume: bool = False) -> dict[s
         # (each rank its slice of the prompts; then every rank holds the whole batch)
         batch, first_row = session.local_prompts(step)
         with session.bf16_scope():
-            experience = sample_and_score(
-                policy,
-                inputs.tokenizer,
-                [inputs.train_prompts[i] for i in batch],
-                [inputs.train_ids[i] for i in batch],
-                config.sampling(step),
-                n,
-                inputs.reward_fn,
-                bf16,
-                gold_fn=inputs.gold_fn,
-                reward_name=config.reward,
-                first_row=first_row,
-            )
+            experience = session.sample_and_score(policy, step, batch, first_row, n)
         experience, _ = session.gather_samples(experience)
         scores = experience.scores
         check_finite(float(scores.sum()), "reward", step, session.last_checkpoint)
