@@ -184,8 +184,9 @@ class _PreallocatedLayer(DynamicLayer):
         """Write ``piece``'s states (its rows prefilled apart) at ``rows``, ending at ``width``.
 
         ``skip``: the piece's first slots, a prefix already in place here
-        (:meth:`start_with`), are not copied. Slots left of a short prompt hold zeros
-        (masked out) rather than uninitialised memory, which could be NaN.
+        (:meth:`start_with`), are not copied. A slot left of a short prompt is masked
+        out and holds zeros, or the states of its group's padding: finite either way,
+        never uninitialised memory, which could be NaN.
         """
         if not self.is_initialized:
             self.lazy_initialization(piece.keys[:1], piece.values[:1])
@@ -300,7 +301,7 @@ def _prefill(
     Left padding to the longest prompt would compute every pad position. Prompts are
     run in :func:`length_buckets` groups instead, each padded to its own longest, and
     their keys and values written at their rows and columns of the cache, whose other
-    slots are zeros under a masked-out position: the states of the one padded batch.
+    slots are finite under a masked-out position: the states of the one padded batch.
     A prefix all prompts share (:func:`shared_prefix_length`) is run once and fills
     the first slots of every row; each row then holds padding, then the rest of its
     prompt, ending at column P. The mask (1 on a slot that holds a token) says so.
