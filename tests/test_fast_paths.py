@@ -533,7 +533,7 @@ def test_shared_prefix_samples_the_tokens_of_one_padded_batch(tiny_model, fast_d
 
 @pytest.mark.parametrize("lengths", [[3, 1, 9, 30, 31, 2, 12], [4, 6, 5]])  # groups, one group
 def test_shared_prefix_bf16_logits_and_cache_within_tolerance(tiny_model, lengths, monkeypatch):
-    """Each row's cache: the prefix's states first, zeros, then the rest of its prompt's."""
+    """Each row's cache: the prefix's states first, padding, then the rest of its prompt's."""
     model = load_policy(tiny_model).eval()
     prompts = _with_head(lengths, seed=7)
     ids, mask = rollout._left_pad(prompts, 0, torch.device("cpu"))

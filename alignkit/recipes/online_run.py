@@ -16,6 +16,7 @@ from torch import nn
 
 from alignkit.data.examples import Prompt
 from alignkit.models import bf16_compute, load_policy, load_tokenizer
+from alignkit.recipes.best_of_n import ScoredSamples, sample_and_score
 from alignkit.recipes.offline import save_run
 from alignkit.recipes.online import (
     OnlineConfig,
@@ -299,7 +300,6 @@ class OnlineRun:
     ) -> tuple[Any, dict[str, torch.Tensor]]:
         """Every rank's scored samples (and per-row tensors such as reference sums) as the
         step's global batch, rows in rank order (:func:`concat_rollouts`)."""
-        from alignkit.recipes.best_of_n import ScoredSamples
         from alignkit.recipes.policy_gradient import concat_rollouts
 
         per_row = per_row or {}
@@ -331,13 +331,10 @@ class OnlineRun:
 
     def sample_and_score(
         self, model: nn.Module, step: int, batch: list[int], first_row: int | None, n: int
-    ) -> Any:
+    ) -> ScoredSamples:
         """``n`` completions of each training prompt in ``batch`` (:meth:`local_prompts` of
         ``step``) from ``model`` with the step's sampling settings, scored by the run's
-        reward (and gold) function: a :class:`alignkit.recipes.best_of_n.ScoredSamples`.
-        Call it inside :meth:`bf16_scope`."""
-        from alignkit.recipes.best_of_n import sample_and_score
-
+        reward (and gold) function. Call it inside :meth:`bf16_scope`."""
         inputs = self.inputs
         return sample_and_score(
             model,
