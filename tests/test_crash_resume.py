@@ -4,7 +4,8 @@ final weights (and the metrics log) equal those of an uninterrupted run, bit for
 Each case runs the recipe three times on the tiny model in fp32 with one thread: once
 straight through (in this process), once in a child process that is SIGKILLed right
 after a randomly chosen checkpoint appears (plus a random delay of up to 0.15 s, so the
-kill may land mid-step or while the next checkpoint is being written), and once more with
+kill may land mid-step or while the next checkpoint is being written; at most half the
+time between the last two checkpoints, so a fast run cannot finish first), and once more with
 ``--resume`` in this process. The chosen step and delay are in every failure message; set
 ``CRASH_SEED`` to replay one. (best-of-n trains nothing and refuses ``--resume``.)
 PPO and DPO are also killed as 2-process ``distributed=fsdp`` jobs under torchrun
@@ -118,6 +119,22 @@ def _checkpoints(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
 
 
+def _wait_after_checkpoint(proc: subprocess.Popen, out: Path, step: int, delay: float) -> bool:
+    """Wait for checkpoints ``step - 1`` and ``step``, then ``delay`` s, at most half the time
+    between them (on a fast machine the tiny runs' last steps and final save took less
+    than 0.15 s: the kill came after the end). False if the run ended before ``step``."""
+    times = []
+    for number in (step - 1, step):
+        marker = out / "checkpoints" / f"step-{number:06d}" / "meta.json"
+        # no wall-clock limit: on a loaded machine the child may take minutes to get there;
+        # it either writes the checkpoint or ends by itself, and both are seen here
+        while not (seen := marker.exists()) and proc.poll() is None:
+            time.sleep(0.001)
+        times.append(time.monotonic())
+    time.sleep(min(delay, (times[1] - times[0]) / 2))
+    return seen
+
+
 def _kill_after_checkpoint(args: list[str], out: Path, step: int, delay: float) -> None:
     """Start ``alignkit ARGS`` in a child and SIGKILL it ``delay`` s after checkpoint ``step``."""
     env = {
@@ -131,12 +148,7 @@ def _kill_after_checkpoint(args: list[str], out: Path, step: int, delay: float) 
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    marker = out / "checkpoints" / f"step-{step:06d}" / "meta.json"
-    # no wall-clock limit: on a loaded machine the child may take minutes to get there;
-    # it either writes the checkpoint or ends by itself, and both are seen here
-    while not (seen := marker.exists()) and proc.poll() is None:
-        time.sleep(0.01)
-    time.sleep(delay)
+    seen = _wait_after_checkpoint(proc, out, step, delay)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, f"the child ended by itself: {err[-2000:]!r}"
@@ -148,7 +160,7 @@ def _kill_plan(name: str) -> tuple[int, float, str]:
     """(checkpoint to kill after, extra delay, a description that replays it)."""
     seed = int(os.environ.get("CRASH_SEED", random.SystemRandom().randrange(2**32)))
     rng = random.Random(seed)
-    kill_step, delay = rng.randint(1, MAX_STEPS - 4), rng.uniform(0.0, 0.15)
+    kill_step, delay = rng.randint(2, MAX_STEPS - 4), rng.uniform(0.0, 0.15)
     return (
         kill_step,
         delay,
@@ -236,10 +248,7 @@ def _kill_job_after_checkpoint(args: list[str], out: Path, step: int, delay: flo
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    marker = out / "checkpoints" / f"step-{step:06d}" / "meta.json"
-    while not (seen := marker.exists()) and proc.poll() is None:
-        time.sleep(0.01)
-    time.sleep(delay)
+    seen = _wait_after_checkpoint(proc, out, step, delay)
     tree = _process_tree(proc.pid)
     _signal(tree, signal.SIGSTOP)
     tree = _process_tree(proc.pid)  # complete: nothing forks while stopped
