@@ -308,8 +308,8 @@ def _prefill(
     """
     run = decoder.prefill if decoder is not None else functools.partial(_prefill_logits, model)
     shared = shared_prefix_length(prompt_ids)
-    head = _new_cache(model, shared)
     if shared:
+        head = _new_cache(model, shared)
         prefix = torch.tensor([list(prompt_ids[0][:shared])], device=device)
         run(prefix, torch.ones_like(prefix), head)
         prompt_ids = [ids[shared:] for ids in prompt_ids]

@@ -74,15 +74,14 @@ def _hammer(url: str) -> dict[str, int]:
     return {"judgments": len(judgments), "done_leases": done, "most_leases_on_an_item": worst}
 
 
-def _check(ledger: dict[str, int]) -> None:
+def test_concurrent_annotators_sqlite(sqlite_url: str) -> None:
+    ledger = _hammer(sqlite_url)
     assert ledger["judgments"] == ledger["done_leases"] == ANNOTATORS * PER_ANNOTATOR
     assert ledger["most_leases_on_an_item"] <= OVERLAP
 
 
-def test_concurrent_annotators_sqlite(sqlite_url: str) -> None:
-    _check(_hammer(sqlite_url))
-
-
 @pytest.mark.postgres
 def test_concurrent_annotators_postgres(fresh_postgres_url: str) -> None:
-    _check(_hammer(fresh_postgres_url))
+    ledger = _hammer(fresh_postgres_url)
+    assert ledger["judgments"] == ledger["done_leases"] == ANNOTATORS * PER_ANNOTATOR
+    assert ledger["most_leases_on_an_item"] <= OVERLAP
