@@ -25,13 +25,20 @@ A model loaded for sampling only (:func:`alignkit.models.load_sampler`) gives it
 decoder-layer weights to its decoder for good (:meth:`FastDecoder.take`): the packed
 bf16 products are then the only copy, instead of the fp32 weights plus a packed copy,
 and the model's own linears compute from them.
+
+Under bf16 the decoder-layer weights are held in one of two layouts at a time
+(:meth:`FastDecoder.lay_out`): packed for oneDNN when a call samples several rows,
+plain when it samples one. At one row a product does little but stream its weight
+from memory, and torch's own bf16 matrix-vector kernel reads a plain weight faster
+than oneDNN reads its packed one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +75,8 @@ def _own_values(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 class _Product:
     """The products of several linears with the same input, as one (outputs concatenated).
 
-    Under bf16 the weight is packed once for oneDNN and the product is bf16.
+    Under bf16 the product is bf16 and its weight is packed for oneDNN (``weight``) or,
+    for one-row products, plain (``plain``): one of the two (:meth:`lay_out`).
     """
 
     def __init__(
@@ -85,6 +93,8 @@ class _Product:
             ]
             bias = torch.cat([b.detach() for b in parts])
         self.bf16 = bf16
+        self.plain: torch.Tensor | None = None
+        self.weight: torch.Tensor | None
         if bf16:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16))
             self.bias = None if bias is None else bias.to(torch.bfloat16)
@@ -99,9 +109,41 @@ class _Product:
 
     def flat(self, x: torch.Tensor) -> torch.Tensor:
         """(n, in) -> (n, out); ``x`` already in the product's dtype (bf16 under bf16)."""
+        if self.weight is None:  # plain bf16 (one-row calls: _matrix_vector_kernel)
+            return F.linear(x, self.plain, self.bias)
         if not self.bf16:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def lay_out(self, plain: bool) -> None:
+        """Hold the bf16 weight plain (``plain``) or packed for oneDNN; the same values."""
+        if not self.bf16 or plain == (self.plain is not None):
+            return
+        if plain:
+            self.plain, self.weight = self.weight.to_dense(), None
+        else:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(self.plain)
+            self.plain = None
+
+
+@contextlib.contextmanager
+def _matrix_vector_kernel(enabled: bool) -> Iterator[None]:
+    """With ``enabled``, a bf16 ``F.linear`` of one row runs torch's matrix-vector kernel.
+
+    Else it runs oneDNN's product from the plain weight, slower than both. oneDNN's
+    matmul is switched off for the block (packed products, called by name, still run
+    there); the switch is process-wide, so another thread's bf16 products in that time
+    run torch's kernels too: the same values, slower at more than one row.
+    """
+    if not enabled:
+        yield
+        return
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
 
 
 def _group(modules: list[nn.Linear], bf16: bool, read: Reader, give: bool) -> _Product:
@@ -291,6 +333,23 @@ class FastDecoder:
         _BUILT[model] = (key, decoder)
         return decoder
 
+    def lay_out(self, rows: int) -> None:
+        """Hold the decoder-layer weights as a call of ``rows`` rows computes fastest.
+
+        One row: plain, for torch's bf16 matrix-vector kernel (the embedded model's
+        decoder-layer products ~9 ms a step against ~14 ms packed, a whole step ~23 ->
+        ~19 ms, 2 threads; docs/benchmarks.md). More rows: packed for oneDNN (at 8 rows
+        ~11 ms against ~19 ms from the plain weights, at 32 ~24 against ~35). One layout
+        at a time, so memory is that of one copy; a switch converts product by product
+        (60-270 ms for the embedded model here), once per change of call shape. The LM
+        head stays packed (plain, it measured ~0.3 ms faster a step). Under fp32 nothing
+        changes.
+        """
+        plain = rows == 1
+        for layer in self.layers:
+            for product in (layer.qkv, layer.out, layer.gate_up, layer.down):
+                product.lay_out(plain)
+
     def _rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(hidden.float(), (hidden.shape[-1],), weight.float(), self.eps)
 
@@ -372,11 +431,13 @@ class FastDecoder:
         keys and values copied: a row's copies cost less than the bf16 kernels' fixed
         overhead), 1.6-5x faster than SDPA over 60-1000 slots, and no less exact (SDPA
         accumulates in fp32 too); over a short cache (at most ``_ONE_ROW_SDPA_SLOTS``
-        filled slots) it keeps SDPA.
+        filled slots) it keeps SDPA. A single row's products run torch's matrix-vector
+        kernel when the weights are laid out plain (:meth:`lay_out`).
         """
         # every cast below is explicit; autocast (on around a bf16 rollout) would run the
         # one-row fp32 products in bf16
-        with torch.autocast(tokens.device.type, enabled=False):
+        plain = self.layers[0].qkv.plain is not None and tokens.shape[0] == 1
+        with torch.autocast(tokens.device.type, enabled=False), _matrix_vector_kernel(plain):
             return self._step(tokens, positions, cache, attention_mask)
 
     def _step(
@@ -447,6 +508,7 @@ class FastDecoder:
             inner = gate_up.shape[1] // 2
             gate, up = gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner)
             hidden += layer.down.flat(F.silu(gate).mul_(up))
+        # (the LM head stays packed: a plain copy measured ~0.3 ms faster a step)
         return self.lm_head.flat(self._normed(hidden, self.final_norm, normed)).float()
 
     def _normed(self, hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor):

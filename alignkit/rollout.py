@@ -626,6 +626,8 @@ def generate(
         if not use_bf16 or prepacking_supported(device):
             with torch.no_grad():
                 decoder = FastDecoder.build(model, prompt_length + max_steps, bf16=use_bf16)
+    if decoder is not None:  # one row's products from plain weights, several rows' packed
+        decoder.lay_out(rows_total)
     was_training = model.training
     model.eval()
     steps = 0

@@ -21,12 +21,21 @@ from alignkit.rollout import (
 )
 
 
-def _decode_both(model, bf16: bool, steps: int = 6, rows: int = 2, padded: bool = False):
+def _decode_both(
+    model,
+    bf16: bool,
+    steps: int = 6,
+    rows: int = 2,
+    padded: bool = False,
+    laid_out_for: int | None = None,
+):
     """Prefill two left-padded prompts, then feed the same tokens through both steps.
 
     Returns the per-step logits of the HF forward and of the fast step, (steps, rows, V)
     each; ``rows=1`` keeps the first prompt only (the step's one-row attention, no slot
-    masked), with ``padded`` the second one only (one row with masked slots).
+    masked), with ``padded`` the second one only (one row with masked slots). The
+    decoder's weights are laid out for a call of ``laid_out_for`` rows (default
+    ``rows``, as ``generate`` does; 2 with ``rows=1``: one row left of a larger batch).
     """
     generator = torch.Generator().manual_seed(3)
     input_ids = torch.randint(5, 3000, (2, 9), generator=generator)
@@ -38,6 +47,7 @@ def _decode_both(model, bf16: bool, steps: int = 6, rows: int = 2, padded: bool 
     capacity = input_ids.shape[1] + steps
     decoder = FastDecoder.build(model, capacity, bf16=bf16)
     assert decoder is not None
+    decoder.lay_out(rows if laid_out_for is None else laid_out_for)
     with torch.no_grad(), autocast(enabled=bf16):
         plain_cache = _new_cache(model, capacity)
         _prefill_logits(model, input_ids, mask, plain_cache)
@@ -90,13 +100,17 @@ def test_fast_step_gives_the_hf_logits_in_fp32(
     assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("rows", "one_row_sdpa_slots"), [(1, 96), (1, 0), (2, 96)])
+# laid_out_for 2 with one row: packed products (one row left of a larger call)
+@pytest.mark.parametrize(
+    ("rows", "one_row_sdpa_slots", "laid_out_for"),
+    [(1, 96, None), (1, 0, None), (2, 96, None), (1, 96, 2), (1, 0, 2)],
+)
 def test_fast_step_is_within_bf16_tolerance_of_autocast(
-    tiny_model, monkeypatch, rows, one_row_sdpa_slots
+    tiny_model, monkeypatch, rows, one_row_sdpa_slots, laid_out_for
 ):
     monkeypatch.setattr(decode, "_ONE_ROW_SDPA_SLOTS", one_row_sdpa_slots)
     model = load_policy(tiny_model).eval()
-    plain, fast = _decode_both(model, bf16=True, rows=rows)
+    plain, fast = _decode_both(model, bf16=True, rows=rows, laid_out_for=laid_out_for)
     scale = plain.abs().max()
     # bf16 keeps 8 bits of mantissa: products summed in another order differ by a few ulps
     assert (fast - plain).abs().max() <= 2e-2 * scale
@@ -221,8 +235,8 @@ def test_other_architectures_and_lora_keep_the_hf_forward(tiny_model):
     assert FastDecoder.build(load_policy(tiny_model), 64, bf16=False) is not None
 
 
-@pytest.mark.parametrize("rows", [2, 1])
-def test_embedded_model_fast_step_within_bf16_of_the_hf_step(monkeypatch, rows):
+@pytest.mark.parametrize(("rows", "laid_out_for"), [(2, None), (1, None), (1, 2)])
+def test_embedded_model_fast_step_within_bf16_of_the_hf_step(monkeypatch, rows, laid_out_for):
     """On the real model: the fast step's bf16 logits are about as close to fp32 as autocast's.
 
     Its attention scores are bf16 products (as transformers' eager attention computes
@@ -234,7 +248,7 @@ def test_embedded_model_fast_step_within_bf16_of_the_hf_step(monkeypatch, rows):
     """
     monkeypatch.setattr(decode, "_ONE_ROW_SDPA_SLOTS", 0)
     model = load_policy("smollm2-135m-instruct").eval()
-    plain, fast = _decode_both(model, bf16=True, rows=rows)
+    plain, fast = _decode_both(model, bf16=True, rows=rows, laid_out_for=laid_out_for)
     exact, _ = _decode_both(model, bf16=False, rows=rows)
     bf16_error = (plain - exact).abs()
     assert bf16_error.max() > 0  # bf16 really ran
@@ -246,6 +260,63 @@ def test_embedded_model_fast_step_within_bf16_of_the_hf_step(monkeypatch, rows):
     clear = (top2[..., 0] - top2[..., 1]) > 4 * bf16_error.mean()
     assert clear.sum() >= clear.numel() // 2
     assert torch.equal(fast.argmax(-1)[clear], exact.argmax(-1)[clear])
+
+
+def test_one_row_calls_lay_the_weights_out_plain_and_several_rows_packed(tiny_model, monkeypatch):
+    """Under bf16 the decoder-layer weights are held in one layout at a time, same values.
+
+    Laid out for one row they are plain bf16 tensors (torch's matrix-vector kernel) equal
+    to the model's weights, and a one-row product gives what the packed one gives up to
+    the order of its fp32 sums (a bf16 ulp of the output); laid out for several rows they
+    are oneDNN's packed tensors again. The LM head stays packed. oneDNN's matmul is
+    switched off only inside a one-row step from plain weights.
+    """
+    model = load_policy(tiny_model).eval().requires_grad_(False)
+    decoder = FastDecoder.build(model, 32, bf16=True)
+    layer, source = decoder.layers[0], model.model.layers[0].self_attn
+    x = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    x = x.to(torch.bfloat16)
+    packed = layer.qkv.flat(x)
+    assert layer.qkv.plain is None and layer.qkv.weight.is_mkldnn
+
+    decoder.lay_out(1)
+    fused = torch.cat([source.q_proj.weight, source.k_proj.weight, source.v_proj.weight])
+    assert layer.qkv.weight is None and not layer.qkv.plain.is_mkldnn
+    assert torch.equal(layer.qkv.plain, fused.to(torch.bfloat16))
+    products = [p for block in decoder.layers for p in (block.qkv, block.out, block.gate_up)]
+    assert all(p.weight is None for p in products + [decoder.layers[-1].down])
+    assert decoder.lm_head.plain is None and decoder.lm_head.weight.is_mkldnn
+    with decode._matrix_vector_kernel(True):
+        assert not torch.backends.mkldnn.enabled
+        one_row = layer.qkv.flat(x)
+    assert torch.backends.mkldnn.enabled
+    assert packed.abs().max() > 0.1
+    ulp = packed.float().abs().clamp(min=1e-3) * 2**-7
+    assert ((one_row.float() - packed.float()).abs() <= ulp).all()
+
+    seen = []  # oneDNN's matmul switch, as the products of each step see it
+    real_flat = decode._Product.flat
+
+    def flat(product, x):
+        seen.append(torch.backends.mkldnn.enabled)
+        return real_flat(product, x)
+
+    monkeypatch.setattr(decode._Product, "flat", flat)
+    cache = _new_cache(model, 16)
+    ids = torch.randint(5, 3000, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        decoder.prefill(ids, torch.ones_like(ids), cache)
+        seen.clear()
+        decoder.step(ids[:, -1], torch.tensor([6]), cache, torch.ones(1, 7))
+        assert seen and not any(seen)  # every product of the step, oneDNN off
+        decoder.lay_out(3)
+        seen.clear()
+        decoder.step(ids[:, -1], torch.tensor([7]), cache, torch.ones(1, 8))
+        assert seen and all(seen)  # packed: left on
+    monkeypatch.undo()
+    assert torch.backends.mkldnn.enabled
+    assert layer.qkv.plain is None and layer.qkv.weight.is_mkldnn
+    assert torch.equal(layer.qkv.flat(x), packed)  # packed again: the same product
 
 
 def test_a_frozen_model_packs_once_until_its_weights_change(tiny_model):
