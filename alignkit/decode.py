@@ -26,7 +26,7 @@ decoder-layer weights to its decoder for good (:meth:`FastDecoder.take`): the pa
 bf16 products are then the only copy, instead of the fp32 weights plus a packed copy,
 and the model's own linears compute from them.
 
-Under bf16 the decoder-layer weights are held in one of two layouts at a time
+Under bf16 the products' weights are held in one of two layouts at a time
 (:meth:`FastDecoder.lay_out`): packed for oneDNN when a call samples several rows,
 plain when it samples one. At one row a product does little but stream its weight
 from memory, and torch's own bf16 matrix-vector kernel reads a plain weight faster
@@ -334,21 +334,21 @@ class FastDecoder:
         return decoder
 
     def lay_out(self, rows: int) -> None:
-        """Hold the decoder-layer weights as a call of ``rows`` rows computes fastest.
+        """Hold the weights of every product as a call of ``rows`` rows computes fastest.
 
         One row: plain, for torch's bf16 matrix-vector kernel (the embedded model's
-        decoder-layer products ~9 ms a step against ~14 ms packed, a whole step ~23 ->
-        ~19 ms, 2 threads; docs/benchmarks.md). More rows: packed for oneDNN (at 8 rows
-        ~11 ms against ~19 ms from the plain weights, at 32 ~24 against ~35). One layout
-        at a time, so memory is that of one copy; a switch converts product by product
-        (60-270 ms for the embedded model here), once per change of call shape. The LM
-        head stays packed (plain, it measured ~0.3 ms faster a step). Under fp32 nothing
-        changes.
+        products ~9 ms a step against ~14 ms packed, a whole step ~23 -> ~19 ms, 2
+        threads; docs/benchmarks.md). More rows: packed for oneDNN (the decoder layers'
+        products at 8 rows ~11 ms against ~19 ms from plain weights, at 32 ~24 against
+        ~35). One layout at a time, so memory is that of one copy; a switch converts
+        product by product (60-270 ms for the embedded model here), once per change of
+        call shape. Under fp32 nothing changes.
         """
         plain = rows == 1
         for layer in self.layers:
             for product in (layer.qkv, layer.out, layer.gate_up, layer.down):
                 product.lay_out(plain)
+        self.lm_head.lay_out(plain)
 
     def _rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(hidden.float(), (hidden.shape[-1],), weight.float(), self.eps)
@@ -508,7 +508,6 @@ class FastDecoder:
             inner = gate_up.shape[1] // 2
             gate, up = gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner)
             hidden += layer.down.flat(F.silu(gate).mul_(up))
-        # (the LM head stays packed: a plain copy measured ~0.3 ms faster a step)
         return self.lm_head.flat(self._normed(hidden, self.final_norm, normed)).float()
 
     def _normed(self, hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor):

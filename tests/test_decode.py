@@ -268,8 +268,8 @@ def test_one_row_calls_lay_the_weights_out_plain_and_several_rows_packed(tiny_mo
     Laid out for one row they are plain bf16 tensors (torch's matrix-vector kernel) equal
     to the model's weights, and a one-row product gives what the packed one gives up to
     the order of its fp32 sums (a bf16 ulp of the output); laid out for several rows they
-    are oneDNN's packed tensors again. The LM head stays packed. oneDNN's matmul is
-    switched off only inside a one-row step from plain weights.
+    are oneDNN's packed tensors again. oneDNN's matmul is switched off only inside a
+    one-row step from plain weights.
     """
     model = load_policy(tiny_model).eval().requires_grad_(False)
     decoder = FastDecoder.build(model, 32, bf16=True)
@@ -284,8 +284,7 @@ def test_one_row_calls_lay_the_weights_out_plain_and_several_rows_packed(tiny_mo
     assert layer.qkv.weight is None and not layer.qkv.plain.is_mkldnn
     assert torch.equal(layer.qkv.plain, fused.to(torch.bfloat16))
     products = [p for block in decoder.layers for p in (block.qkv, block.out, block.gate_up)]
-    assert all(p.weight is None for p in products + [decoder.layers[-1].down])
-    assert decoder.lm_head.plain is None and decoder.lm_head.weight.is_mkldnn
+    assert all(p.weight is None for p in [*products, decoder.layers[-1].down, decoder.lm_head])
     with decode._matrix_vector_kernel(True):
         assert not torch.backends.mkldnn.enabled
         one_row = layer.qkv.flat(x)
