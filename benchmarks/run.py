@@ -12,6 +12,7 @@ between rounds in this process, for MFU. Ratios come from one run.
     python benchmarks/run.py memory                 # peak RSS table (alignkit only)
     python benchmarks/run.py memory --check-largest # and run the largest batch for 16 GB
     python benchmarks/run.py allocator              # DPO steps, tcmalloc against glibc malloc
+    python benchmarks/run.py allocator --variant skip-sbrk --cases dpo,rl,generate
 
 The peer runs with the Python given by ``--peer-python`` (default ``.venv-bench``,
 a venv with TRL that sees the project's packages); alignkit runs with the project's
@@ -319,10 +320,10 @@ def case_offline(kind: str, args, workdir: Path, results: dict) -> None:
     results[kind] = entry
 
 
-def case_rl(args, workdir: Path, results: dict) -> None:
+def rl_params(workdir: Path) -> tuple[dict, dict]:
+    """alignkit's and TRL's settings for one GRPO step (group 8, 48 new tokens)."""
     from alignkit.models import resolve_model
 
-    steps = args.warmup + (args.rl_steps if args.rl_steps is not None else args.steps)
     prompts = short_prompts(64, 128)
     data = write_jsonl(workdir / "prompts.jsonl", prompts)
     settings = {
@@ -344,7 +345,13 @@ def case_rl(args, workdir: Path, results: dict) -> None:
         "seed": 0,
     }
     peer = {**settings, "model_dir": resolve_model(MODEL), "bf16": True, "_prompts": prompts}
-    print(f"[rl] GRPO, group 8, 48 new tokens, {len(prompts)} prompts")
+    return ours, peer
+
+
+def case_rl(args, workdir: Path, results: dict) -> None:
+    steps = args.warmup + (args.rl_steps if args.rl_steps is not None else args.steps)
+    ours, peer = rl_params(workdir)
+    print("[rl] GRPO, group 8, 48 new tokens, 64 prompts")
     ak = start("rl-alignkit", "alignkit", "rl", ours, workdir, sys.executable, alignkit_env())
     trl = start("rl-trl-grpo", "peer", "rl", peer, workdir, args.peer_python, peer_env(args))
     interleave([ak, trl], steps)
@@ -405,40 +412,70 @@ def case_generate(args, workdir: Path, results: dict) -> None:
     results["generate"] = entry
 
 
+# --variant of allocator mode: alignkit's runtime environment -> the environment compared
+ALLOCATOR_VARIANTS = {
+    "glibc": lambda env: {**env, "LD_PRELOAD": os.environ.get("LD_PRELOAD", "")},
+    # tcmalloc maps its memory instead of growing the heap, which huge pages then back
+    "skip-sbrk": lambda env: {**env, "TCMALLOC_SKIP_SBRK": "true"},
+}
+
+
 def allocator_ab(args, workdir: Path) -> dict:
-    """DPO steps of alignkit with the preloaded allocator against glibc malloc, interleaved."""
+    """alignkit in its runtime environment against a variant of it, steps interleaved.
+
+    Each case (``--cases``: dpo, rl, generate; default dpo) runs two alignkit workers,
+    one per environment, one step of each in turn.
+    """
     from alignkit.models import resolve_model  # noqa: F401  (model converted before timing)
 
     steps = args.warmup + args.steps
-    rows = fitting_rows(steps * args.batch_size, args.max_length)
-    params = {
-        "model": MODEL,
-        "data": str(write_jsonl(workdir / "alloc.jsonl", rows)),
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "lr": 5e-6,
-        "beta": 0.1,
-        "bf16": "true",
-        "eval_fraction": 0.0,
-        "seed": 0,
-    }
-    with_lib = alignkit_env()
-    without = {**with_lib, "LD_PRELOAD": os.environ.get("LD_PRELOAD", "")}
-    print(f"[allocator] DPO batch {args.batch_size}: LD_PRELOAD={with_lib.get('LD_PRELOAD')}")
-    workers = [
-        start("alloc-preloaded", "alignkit", "dpo", params, workdir, sys.executable, with_lib),
-        start("alloc-glibc", "alignkit", "dpo", params, workdir, sys.executable, without),
-    ]
-    interleave(workers, steps)
-    for worker in workers:
-        worker.stop()
-    result = {}
-    for worker in workers:
-        result[worker.name] = {
-            **rate(worker.units, args.warmup),
-            "peak_rss_mb": worker.final["peak_rss_mb"],
-        }
-        print(f"  {worker.name}: {result[worker.name]}")
+    cases = args.cases.split(",") if args.cases != CASES else ["dpo"]
+    ours = alignkit_env()
+    theirs = ALLOCATOR_VARIANTS[args.variant](ours)
+    changed = {k: v for k, v in theirs.items() if ours.get(k) != v}
+    print(f"[allocator] {args.variant} ({changed}) against LD_PRELOAD={ours.get('LD_PRELOAD')}")
+    result: dict = {"variant": args.variant, "changed": changed}
+    for case in cases:
+        if case == "dpo":
+            rows = fitting_rows(steps * args.batch_size, args.max_length)
+            params = {
+                "model": MODEL,
+                "data": str(write_jsonl(workdir / "alloc.jsonl", rows)),
+                "batch_size": args.batch_size,
+                "max_length": args.max_length,
+                "lr": 5e-6,
+                "beta": 0.1,
+                "bf16": "true",
+                "eval_fraction": 0.0,
+                "seed": 0,
+            }
+        elif case == "rl":
+            params, _ = rl_params(workdir)
+        elif case == "generate":
+            params = {"max_new_tokens": args.gen_tokens, "temperature": 1.0,
+                      "_prompts": short_prompts(64, 128)}  # fmt: skip
+        else:
+            raise SystemExit(f"allocator: unknown case {case}")
+        workers = [
+            start(f"{case}-runtime", "alignkit", case, params, workdir, sys.executable, ours),
+            start(
+                f"{case}-{args.variant}", "alignkit", case, params, workdir, sys.executable, theirs
+            ),  # fmt: skip
+        ]
+        for argument in ("1", "32") if case == "generate" else ("",):
+            interleave(workers, steps, argument=argument)
+        for worker in workers:
+            worker.stop()
+        for worker in workers:
+            batches = ("1", "32") if case == "generate" else (None,)
+            result[worker.name] = {
+                **{
+                    f"batch{b}" if b else "rate": rate(worker.units, args.warmup, b)
+                    for b in batches
+                },  # fmt: skip
+                "peak_rss_mb": worker.final["peak_rss_mb"],
+            }
+            print(f"  {worker.name}: {result[worker.name]}", flush=True)
     return result
 
 
@@ -548,6 +585,12 @@ def main() -> None:
         choices=["default", "alignkit"],
         default="default",
         help="run the peer as users do (default) or in alignkit's runtime environment",
+    )
+    parser.add_argument(
+        "--variant",
+        choices=sorted(ALLOCATOR_VARIANTS),
+        default="glibc",
+        help="allocator: the environment alignkit's is compared with",
     )
     parser.add_argument(
         "--check-largest",

@@ -387,6 +387,7 @@ def test_runtime_env_preloads_the_allocator_once(tmp_path):
     assert env is not None
     assert env["LD_PRELOAD"] == f"{library}:/x/other.so"
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "TCMALLOC_SKIP_SBRK" not in env  # not tcmalloc: its settings are not added
     assert cli.runtime_env(env) is None  # the re-executed process does not loop
     idle = cli.runtime_env(environ, busy=lambda: False)
     assert "OMP_WAIT_POLICY" not in idle and idle["LD_PRELOAD"] == env["LD_PRELOAD"]
@@ -401,6 +402,21 @@ def test_runtime_env_preloads_the_allocator_once(tmp_path):
     assert cli.runtime_env({"ALIGNKIT_ALLOCATOR": "system"}, busy=lambda: False) is None
     found = cli.find_allocator({})
     assert found is None or os.path.isfile(found)
+
+
+def test_runtime_env_has_tcmalloc_map_its_memory_unless_the_user_said_otherwise(tmp_path):
+    """tcmalloc's heap is kept off sbrk (huge pages then back it); a value the user set wins."""
+    library = tmp_path / "libtcmalloc_minimal.so.4"
+    library.write_bytes(b"")
+    environ = {"ALIGNKIT_ALLOCATOR": str(library)}
+    env = cli.runtime_env(environ, busy=lambda: False)
+    assert env["LD_PRELOAD"] == str(library)
+    assert env["TCMALLOC_SKIP_SBRK"] == "true"
+    mine = cli.runtime_env({**environ, "TCMALLOC_SKIP_SBRK": "false"}, busy=lambda: False)
+    assert mine["TCMALLOC_SKIP_SBRK"] == "false"
+    assert "TCMALLOC_SKIP_SBRK" not in cli.runtime_env(
+        {"ALIGNKIT_ALLOCATOR": "system"}, lambda: True
+    )
 
 
 def test_machine_busy_reads_other_work_from_a_cpu_sample(monkeypatch):
