@@ -133,7 +133,8 @@ def _matrix_vector_kernel(enabled: bool) -> Iterator[None]:
     Else it runs oneDNN's product from the plain weight, slower than both. oneDNN's
     matmul is switched off for the block (packed products, called by name, still run
     there); the switch is process-wide, so another thread's bf16 products in that time
-    run torch's kernels too: the same values, slower at more than one row.
+    run torch's kernels too: the same results up to the order of their fp32 sums,
+    slower at more than one row.
     """
     if not enabled:
         yield
