@@ -263,7 +263,7 @@ def test_embedded_model_fast_step_within_bf16_of_the_hf_step(monkeypatch, rows, 
 
 
 def test_one_row_calls_lay_the_weights_out_plain_and_several_rows_packed(tiny_model, monkeypatch):
-    """Under bf16 the decoder-layer weights are held in one layout at a time, same values.
+    """Under bf16 the products' weights are held in one layout at a time, same values.
 
     Laid out for one row they are plain bf16 tensors (torch's matrix-vector kernel) equal
     to the model's weights, and a one-row product gives what the packed one gives up to
