@@ -238,6 +238,29 @@ def short_prompts(count: int, max_tokens: int) -> list[dict]:
 # -- cases --------------------------------------------------------------------------------
 
 
+def offline_params(kind: str, args, workdir: Path, rows: list[dict]) -> dict:
+    """alignkit's settings for a dpo / reward / sft step on ``rows`` (written to workdir)."""
+    ours = {
+        "model": MODEL,
+        "data": str(write_jsonl(workdir / f"{kind}.jsonl", rows)),
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "lr": {"dpo": 5e-6, "reward": 1e-5, "sft": 2e-5}[kind],
+        "bf16": "true",
+        "eval_fraction": 0.0,
+        "seed": 0,
+    }
+    if kind == "dpo":
+        ours["beta"] = 0.1
+    return ours
+
+
+def generation_params(args) -> dict:
+    """The sampling settings of the generation case (its 64 short HH prompts)."""
+    return {"max_new_tokens": args.gen_tokens, "temperature": 1.0,
+            "_prompts": short_prompts(64, 128)}  # fmt: skip
+
+
 def case_offline(kind: str, args, workdir: Path, results: dict) -> None:
     """dpo / reward: alignkit against each TRL configuration in turn; sft: alignkit alone."""
     from alignkit.models import resolve_model
@@ -245,20 +268,8 @@ def case_offline(kind: str, args, workdir: Path, results: dict) -> None:
     model_dir = resolve_model(MODEL)
     steps = args.warmup + args.steps
     rows = fitting_rows(steps * args.batch_size, args.max_length)
-    data = write_jsonl(workdir / f"{kind}.jsonl", rows)
-    lr = {"dpo": 5e-6, "reward": 1e-5, "sft": 2e-5}[kind]
-    ours = {
-        "model": MODEL,
-        "data": str(data),
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "lr": lr,
-        "bf16": "true",
-        "eval_fraction": 0.0,
-        "seed": 0,
-    }
-    if kind == "dpo":
-        ours["beta"] = 0.1
+    ours = offline_params(kind, args, workdir, rows)
+    lr = ours["lr"]
     if kind == "sft":
         sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
         ours["data"] = str(write_jsonl(workdir / "sft.jsonl", sft_rows))
@@ -351,7 +362,7 @@ def rl_params(workdir: Path) -> tuple[dict, dict]:
 def case_rl(args, workdir: Path, results: dict) -> None:
     steps = args.warmup + (args.rl_steps if args.rl_steps is not None else args.steps)
     ours, peer = rl_params(workdir)
-    print("[rl] GRPO, group 8, 48 new tokens, 64 prompts")
+    print(f"[rl] GRPO, group 8, 48 new tokens, {len(peer['_prompts'])} prompts")
     ak = start("rl-alignkit", "alignkit", "rl", ours, workdir, sys.executable, alignkit_env())
     trl = start("rl-trl-grpo", "peer", "rl", peer, workdir, args.peer_python, peer_env(args))
     interleave([ak, trl], steps)
@@ -372,8 +383,7 @@ def case_rl(args, workdir: Path, results: dict) -> None:
 def case_generate(args, workdir: Path, results: dict) -> None:
     from alignkit.models import resolve_model
 
-    prompts = short_prompts(64, 128)
-    sampling = {"max_new_tokens": args.gen_tokens, "temperature": 1.0, "_prompts": prompts}
+    sampling = generation_params(args)
     hf = {**sampling, "model_dir": resolve_model(MODEL), "bf16": True}
     print(f"[generate] {args.gen_tokens} new tokens, temperature 1, batch 1 and 32")
     ak = start("gen-alignkit", "alignkit", "generate", sampling, workdir, sys.executable,
@@ -438,43 +448,25 @@ def allocator_ab(args, workdir: Path) -> dict:
     for case in cases:
         if case == "dpo":
             rows = fitting_rows(steps * args.batch_size, args.max_length)
-            params = {
-                "model": MODEL,
-                "data": str(write_jsonl(workdir / "alloc.jsonl", rows)),
-                "batch_size": args.batch_size,
-                "max_length": args.max_length,
-                "lr": 5e-6,
-                "beta": 0.1,
-                "bf16": "true",
-                "eval_fraction": 0.0,
-                "seed": 0,
-            }
+            params = offline_params("dpo", args, workdir, rows)
         elif case == "rl":
             params, _ = rl_params(workdir)
         elif case == "generate":
-            params = {"max_new_tokens": args.gen_tokens, "temperature": 1.0,
-                      "_prompts": short_prompts(64, 128)}  # fmt: skip
+            params = generation_params(args)
         else:
             raise SystemExit(f"allocator: unknown case {case}")
         workers = [
-            start(f"{case}-runtime", "alignkit", case, params, workdir, sys.executable, ours),
-            start(
-                f"{case}-{args.variant}", "alignkit", case, params, workdir, sys.executable, theirs
-            ),  # fmt: skip
+            start(f"{case}-{name}", "alignkit", case, params, workdir, sys.executable, env)
+            for name, env in (("runtime", ours), (args.variant, theirs))
         ]
-        for argument in ("1", "32") if case == "generate" else ("",):
-            interleave(workers, steps, argument=argument)
+        batches = ("1", "32") if case == "generate" else ("",)
+        for batch in batches:
+            interleave(workers, steps, argument=batch)
         for worker in workers:
             worker.stop()
-        for worker in workers:
-            batches = ("1", "32") if case == "generate" else (None,)
-            result[worker.name] = {
-                **{
-                    f"batch{b}" if b else "rate": rate(worker.units, args.warmup, b)
-                    for b in batches
-                },  # fmt: skip
-                "peak_rss_mb": worker.final["peak_rss_mb"],
-            }
+            rates = {f"batch{b}" if b else "rate": rate(worker.units, args.warmup, b or None)
+                     for b in batches}  # fmt: skip
+            result[worker.name] = {**rates, "peak_rss_mb": worker.final["peak_rss_mb"]}
             print(f"  {worker.name}: {result[worker.name]}", flush=True)
     return result
 
