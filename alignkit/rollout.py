@@ -170,6 +170,11 @@ class _PreallocatedLayer(DynamicLayer):
         self.length += 1
         self._refresh_views()
 
+    def appended(self) -> None:
+        """The next slot of every row was written in place (:func:`alignkit.native.decode_attention`)."""
+        self.length += 1
+        self._refresh_views()
+
     def start_with(self, head: _PreallocatedLayer, rows: int) -> None:
         """Begin ``rows`` rows, each holding ``head``'s slots (one row: a prefix they share)."""
         self.lazy_initialization(head.keys, head.values)

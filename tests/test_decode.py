@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from alignkit import decode
+from alignkit import decode, native
 from alignkit.decode import FastDecoder
 from alignkit.models import autocast, load_policy, load_sampler, load_tokenizer
 from alignkit.rollout import (
@@ -235,18 +235,25 @@ def test_other_architectures_and_lora_keep_the_hf_forward(tiny_model):
     assert FastDecoder.build(load_policy(tiny_model), 64, bf16=False) is not None
 
 
-@pytest.mark.parametrize(("rows", "laid_out_for"), [(2, None), (1, None), (1, 2)])
-def test_embedded_model_fast_step_within_bf16_of_the_hf_step(monkeypatch, rows, laid_out_for):
+@pytest.mark.parametrize(
+    ("rows", "laid_out_for", "native"),
+    [(2, None, True), (2, None, False), (1, None, True), (1, None, False), (1, 2, False)],
+)
+def test_embedded_model_fast_step_within_bf16_of_the_hf_step(
+    monkeypatch, rows, laid_out_for, native
+):
     """On the real model: the fast step's bf16 logits are about as close to fp32 as autocast's.
 
-    Its attention scores are bf16 products (as transformers' eager attention computes
-    them), SDPA's accumulate in fp32: the errors measured 0.46 max / 0.088 mean against
-    autocast's 0.42 / 0.081 on logits up to ~34. One row attends through its fp32
-    products here (as over a long cache): 0.28 / 0.050 against autocast's 0.31 / 0.072;
-    when the rollout's autocast ran those products in bf16 they erred by 0.42 / 0.101,
-    past the mean's bound.
+    In PyTorch (``native`` False) its attention scores are bf16 products (as
+    transformers' eager attention computes them), SDPA's accumulate in fp32: the errors
+    measured 0.46 max / 0.088 mean against autocast's 0.42 / 0.081 on logits up to ~34.
+    One row attends through its fp32 products there (as over a long cache): 0.28 / 0.050
+    against autocast's 0.31 / 0.072; when the rollout's autocast ran those products in
+    bf16 they erred by 0.42 / 0.101, past the mean's bound. The native kernel keeps the
+    scores in fp32 (32 rows, 30 steps: 0.70 / 0.068 against autocast's 0.67 / 0.069).
     """
     monkeypatch.setattr(decode, "_ONE_ROW_SDPA_SLOTS", 0)
+    monkeypatch.setattr(FastDecoder, "native", native)
     model = load_policy("smollm2-135m-instruct").eval()
     plain, fast = _decode_both(model, bf16=True, rows=rows, laid_out_for=laid_out_for)
     exact, _ = _decode_both(model, bf16=False, rows=rows)
@@ -260,6 +267,36 @@ def test_embedded_model_fast_step_within_bf16_of_the_hf_step(monkeypatch, rows, 
     clear = (top2[..., 0] - top2[..., 1]) > 4 * bf16_error.mean()
     assert clear.sum() >= clear.numel() // 2
     assert torch.equal(fast.argmax(-1)[clear], exact.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_bf16_step_attends_through_the_native_kernel(tiny_model, monkeypatch, rows):
+    """Once per layer and step, within bf16 of the PyTorch step and of autocast."""
+    calls = []
+    kernel = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(a[-2]) or kernel(*a))
+    model = load_policy(tiny_model).eval()
+    plain, fast = _decode_both(model, bf16=True, rows=rows, steps=6)
+    layers = model.config.num_hidden_layers
+    prompt = 9  # _decode_both's prompts: each step writes the slot after the last
+    assert calls == [prompt + step for step in range(6) for _ in range(layers)]
+    monkeypatch.setattr(FastDecoder, "native", False)
+    _, torch_step = _decode_both(model, bf16=True, rows=rows, steps=6)
+    scale = plain.abs().max()
+    assert (fast - torch_step).abs().max() <= 2e-2 * scale
+    assert (fast - plain).abs().max() <= 2e-2 * scale
+    assert torch.equal(fast.argmax(-1), plain.argmax(-1))
+
+
+def test_native_step_refuses_a_mask_of_the_wrong_width(tiny_model):
+    model = load_policy(tiny_model).eval()
+    decoder = FastDecoder.build(model, 16, bf16=True)
+    with torch.no_grad(), autocast(enabled=True):
+        cache = _new_cache(model, 16)
+        ids = torch.randint(5, 3000, (2, 4))
+        _prefill_logits(model, ids, torch.ones_like(ids), cache)
+        with pytest.raises(ValueError, match="covers 4 slots, not 5"):
+            decoder.step(ids[:, 0], torch.tensor([4, 4]), cache, torch.ones(2, 4))
 
 
 def test_one_row_calls_lay_the_weights_out_plain_and_several_rows_packed(tiny_model, monkeypatch):

@@ -1,0 +1,170 @@
+"""Native kernels of the decode step, compiled on first use with the machine's C compiler.
+
+:func:`decode_attention` runs a decode step's attention for one layer in one call
+(``decode.c``): RoPE on the new token's query and key heads, its key and value written
+into the cache, and each query head attending over its key/value head's filled slots.
+In PyTorch the same is some ten operations a layer, each a pass over memory and a few
+microseconds of dispatch; at batch 32 the written-out kernel takes about half their time
+(docs/benchmarks.md).
+
+The source is compiled once per machine and compiler (``-O3 -march=native -fopenmp``)
+into ``$XDG_CACHE_HOME/alignkit/native`` (default ``~/.cache``) and loaded with
+:mod:`ctypes`. Its OpenMP loop must run on the OpenMP runtime torch loaded, or two
+thread pools would contend for the cores; the library is used only when exactly one
+runtime is in the process after loading it. Without a C compiler, with a build that
+fails, or with ``ALIGNKIT_NATIVE=0`` in the environment, :func:`library` is None and
+the decode step stays in PyTorch (a warning says why, once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("decode.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+
+_POINTER, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURE = (
+    [_POINTER, _INT, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER]
+    + [_INT] * 6
+    + [_FLOAT, ctypes.c_int]
+)
+_OPENMP_RUNTIMES = re.compile(r"lib(gomp|iomp5|omp)[-.\w]*\.so")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "alignkit" / "native"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _machine() -> str:
+    """What ``-march=native`` depends on: the CPU's model and flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.uname().machine
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in text.splitlines() if line.startswith(wanted)}))
+
+
+def build(compiler: str, flags: tuple[str, ...] = FLAGS, directory: Path | None = None) -> Path:
+    """Compile ``decode.c`` with ``compiler`` and ``flags`` (cached); the shared library's path.
+
+    The file name hashes the source, the flags, the compiler's version and the CPU, so a
+    change of any of them builds anew. Written under a temporary name, then renamed: a
+    concurrent build or an interrupted one never leaves a partial library in place.
+    """
+    source = SOURCE.read_bytes()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(flags).encode(), version.encode(), _machine().encode()])
+    ).hexdigest()[:20]
+    directory = directory or cache_dir()
+    target = directory / f"decode-{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=directory, suffix=".so.partial")
+    os.close(handle)
+    try:
+        subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", partial, "-lm"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def openmp_runtimes() -> set[str]:
+    """The OpenMP runtime libraries loaded in this process (Linux; empty elsewhere)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return {
+        line.split()[-1]
+        for line in maps.splitlines()
+        if _OPENMP_RUNTIMES.search(os.path.basename(line.split()[-1]))
+    }
+
+
+def load(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    library.decode_attention.argtypes = _SIGNATURE
+    library.decode_attention.restype = None
+    return library
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot run here (the reason warned once)."""
+    if os.environ.get("ALIGNKIT_NATIVE", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        return _unavailable("no C compiler (cc, gcc or $CC) found")
+    try:
+        path = build(compiler)
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        return _unavailable(f"compiling {SOURCE.name} failed: {detail.strip()[:300]}")
+    loaded = load(path)
+    runtimes = openmp_runtimes()
+    if len(runtimes) != 1:
+        return _unavailable(f"expected torch's one OpenMP runtime, found {sorted(runtimes)}")
+    return loaded
+
+
+def _unavailable(reason: str) -> None:
+    warnings.warn(
+        f"alignkit's native decode kernels are off ({reason}); decoding in PyTorch",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+def decode_attention(
+    kernels: ctypes.CDLL,
+    qkv: torch.Tensor,  # (n, >= (heads + 2 kv_heads) x D) bf16, rows contiguous
+    cos: torch.Tensor,  # (n, D) fp32, contiguous
+    sin: torch.Tensor,  # (n, D) fp32, contiguous
+    keys: torch.Tensor,  # (n, kv_heads, capacity, D) bf16, contiguous
+    values: torch.Tensor,  # same
+    keep: torch.Tensor,  # (n, slot + 1) bool, contiguous
+    out: torch.Tensor,  # (n, heads x D) bf16, contiguous
+    heads: int,
+    slot: int,
+    scale: float,
+) -> None:
+    """One layer's attention of a decode step into ``out``; the new key and value at ``slot``.
+
+    The cache slot ``slot`` of every row is written (the rotated key, the value); each
+    query head attends over the slots its row keeps, up to and including ``slot``.
+    """
+    n, kv_heads, capacity, head_dim = keys.shape
+    kernels.decode_attention(
+        qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
+        values.data_ptr(), keep.data_ptr(), out.data_ptr(), n, heads, kv_heads, head_dim,
+        slot, capacity, scale, torch.get_num_threads(),
+    )  # fmt: skip

@@ -1,0 +1,143 @@
+"""The native decode-attention kernel against the same attention written out in fp32 PyTorch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignkit import native
+
+HEADS, KV_HEADS = 6, 2
+
+
+def _case(n: int, head_dim: int, slot: int, capacity: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    width = (HEADS + 2 * KV_HEADS) * head_dim
+    # a wider buffer than the fused product, as a row view of a larger one would be
+    qkv = torch.randn(n, width + 8, generator=generator).bfloat16()[:, :width]
+    angles = torch.rand(n, head_dim // 2, generator=generator) * 6.0
+    angles = torch.cat([angles, angles], dim=-1)
+    keys = torch.randn(n, KV_HEADS, capacity, head_dim, generator=generator).bfloat16()
+    values = torch.randn(n, KV_HEADS, capacity, head_dim, generator=generator).bfloat16()
+    keep = torch.ones(n, slot + 1, dtype=torch.bool)
+    for row in range(n):  # row r left-padded by 3r slots
+        keep[row, : min(3 * row, slot)] = False
+    if n > 1:  # and the last row attends only its own slot
+        keep[-1, :slot] = False
+    return qkv, angles.cos(), angles.sin(), keys, values, keep
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def _reference(qkv, cos, sin, keys, values, keep, slot, scale):
+    """RoPE, the cache write and grouped-query attention, from the definitions, in fp32."""
+    n, kv_heads, _, head_dim = keys.shape
+    x = qkv.float()
+    split = [HEADS * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    query, key, value = (part.unflatten(-1, (-1, head_dim)) for part in x.split(split, -1))
+    query = _rotated(query, cos[:, None], sin[:, None]).bfloat16()
+    keys, values = keys.clone(), values.clone()
+    keys[:, :, slot] = _rotated(key, cos[:, None], sin[:, None]).bfloat16()
+    values[:, :, slot] = value.bfloat16()
+    group = HEADS // kv_heads
+    scores = torch.einsum(
+        "nhgd,nhwd->nhgw",
+        query.float().view(n, kv_heads, group, head_dim),
+        keys[:, :, : slot + 1].float(),
+    )
+    scores = (scores * scale).masked_fill(~keep[:, None, None, :], float("-inf"))
+    out = torch.einsum("nhgw,nhwd->nhgd", scores.softmax(-1), values[:, :, : slot + 1].float())
+    return out.reshape(n, HEADS * head_dim), keys, values
+
+
+def _check(kernels, n: int, head_dim: int, slot: int, capacity: int) -> None:
+    qkv, cos, sin, keys, values, keep = _case(n, head_dim, slot, capacity)
+    scale = head_dim**-0.5
+    expected, expected_keys, expected_values = _reference(
+        qkv, cos, sin, keys, values, keep, slot, scale
+    )
+    before_keys, before_values = keys.clone(), values.clone()
+    out = torch.empty(n, HEADS * head_dim, dtype=torch.bfloat16)
+    native.decode_attention(kernels, qkv, cos, sin, keys, values, keep, out, HEADS, slot, scale)
+    # the new key is rotated in fp32 and rounded once: at most one bf16 step from the reference
+    # (the kernel may fuse a multiply-add the reference rounds in two)
+    step = expected_keys[:, :, slot].float().abs() * 2**-7
+    assert ((keys[:, :, slot].float() - expected_keys[:, :, slot].float()).abs() <= step).all()
+    assert torch.equal(values[:, :, slot], expected_values[:, :, slot])
+    # every other slot is left as it was
+    others = torch.ones(capacity, dtype=torch.bool)
+    others[slot] = False
+    assert torch.equal(keys[:, :, others], before_keys[:, :, others])
+    assert torch.equal(values[:, :, others], before_values[:, :, others])
+    # the output: fp32 scores and softmax, rounded to bf16 once (relative error <= 2^-8),
+    # plus the fp32 sums in another order
+    error = (out.float() - expected).abs()
+    assert expected.abs().max() > 0.1
+    assert (error <= expected.abs() * 2**-8 + 1e-3).all(), float(error.max())
+    # the last row keeps only its own slot: its output is the new value, exactly
+    if n > 1:
+        new_value = values[-1, :, slot].repeat_interleave(HEADS // KV_HEADS, 0).flatten()
+        assert torch.equal(out[-1], new_value)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    loaded = native.library()
+    assert loaded is not None, "the native kernels did not build on this machine"
+    return loaded
+
+
+@pytest.mark.parametrize(
+    ("n", "head_dim", "slot", "capacity"),
+    [(1, 64, 0, 4), (4, 64, 37, 40), (32, 64, 117, 149), (5, 16, 20, 21), (3, 32, 9, 64)],
+)
+def test_kernel_matches_attention_written_out_in_fp32(kernels, n, head_dim, slot, capacity):
+    """head_dim 64 takes the AVX512-BF16 dot products where the CPU has them; 16 and 32 the plain loop."""
+    _check(kernels, n, head_dim, slot, capacity)
+
+
+def test_portable_build_matches_too(tmp_path):
+    """Without -march=native the kernel compiles to its plain loops; they agree as well."""
+    compiler = native._compiler()
+    assert compiler is not None
+    flags = ("-O2", "-fopenmp", "-fPIC", "-shared")
+    path = native.build(compiler, flags, directory=tmp_path)
+    kernels = native.load(path)
+    for n, head_dim, slot, capacity in [(4, 64, 37, 40), (2, 16, 5, 8)]:
+        _check(kernels, n, head_dim, slot, capacity)
+
+
+def test_build_is_cached_per_source_flags_and_machine(tmp_path):
+    compiler = native._compiler()
+    first = native.build(compiler, directory=tmp_path)
+    built_at = first.stat().st_mtime_ns
+    assert native.build(compiler, directory=tmp_path) == first
+    assert first.stat().st_mtime_ns == built_at  # not compiled again
+    other = native.build(compiler, ("-O1", *native.FLAGS[1:]), directory=tmp_path)
+    assert other != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, other.name])
+
+
+def test_without_a_working_compiler_the_kernels_are_off_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="native decode kernels are off"):
+            assert native.library() is None
+        native.library.cache_clear()
+        monkeypatch.setenv("ALIGNKIT_NATIVE", "0")
+        assert native.library() is None
+        assert not any(tmp_path.rglob("*.so"))  # nothing half-built left behind
+    finally:
+        native.library.cache_clear()
+
+
+def test_one_openmp_runtime_is_loaded_beside_torch(kernels):
+    """The kernel's parallel loop shares torch's OpenMP threads (two pools would contend)."""
+    runtimes = native.openmp_runtimes()
+    assert len(runtimes) == 1
+    assert "torch" in next(iter(runtimes))
