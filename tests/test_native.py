@@ -1,4 +1,4 @@
-"""The native decode-attention kernel against the same attention written out in fp32 PyTorch."""
+"""The native decode-step kernels against the same arithmetic written out in fp32 PyTorch."""
 
 from __future__ import annotations
 
@@ -103,11 +103,45 @@ def test_portable_build_matches_too(tmp_path):
     """Without -march=native the kernel compiles to its plain loops; they agree as well."""
     compiler = native._compiler()
     assert compiler is not None
-    flags = ("-O2", "-fopenmp", "-fPIC", "-shared")
+    flags = ("-O2", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared")
     path = native.build(compiler, flags, directory=tmp_path)
     kernels = native.load(path)
     for n, head_dim, slot, capacity in [(4, 64, 37, 40), (2, 16, 5, 8)]:
         _check(kernels, n, head_dim, slot, capacity)
+    _check_norm_and_silu(kernels, 4, 96)
+
+
+def _check_norm_and_silu(kernels, n: int, size: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(n, size, generator=generator) * 3
+    delta = torch.randn(n, size + 4, generator=generator).bfloat16()[:, :size]  # rows apart
+    weight = torch.rand(size, generator=generator) + 0.5
+    out = torch.empty(n, size, dtype=torch.bfloat16)
+    summed = hidden + delta.float()
+    expected = torch.nn.functional.rms_norm(summed, (size,), weight, 1e-5)
+    native.add_rms_norm(kernels, hidden, delta, weight, out, 1e-5)
+    assert torch.allclose(hidden, summed, rtol=0, atol=0)  # fp32 adds: the same sums
+    # one rounding to bf16 (relative 2^-8) over fp32 sums in another order
+    assert ((out.float() - expected).abs() <= expected.abs() * 2**-8 + 1e-6).all()
+    native.add_rms_norm(kernels, hidden, None, weight, out, 1e-5)  # no residual to add
+    assert torch.allclose(hidden, summed, rtol=0, atol=0)
+    assert ((out.float() - expected).abs() <= expected.abs() * 2**-8 + 1e-6).all()
+
+    # gates across the whole range the polynomial exp covers, and past it both ways
+    gate_up = torch.randn(n, 2 * size, generator=generator).bfloat16() * 8
+    gate_up[0, :4] = torch.tensor([0.0, -100.0, 100.0, -0.5])
+    activated = torch.empty(n, size, dtype=torch.bfloat16)
+    native.silu_mul(kernels, gate_up, activated)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    # silu(gate) x up rounded once (the PyTorch step rounds twice)
+    assert ((activated.float() - expected).abs() <= expected.abs() * 2**-8 + 1e-30).all()
+    assert activated[0, 0] == 0 and activated[0, 1] == 0  # silu(0) = 0, silu(-100) = -0
+
+
+@pytest.mark.parametrize(("n", "size"), [(1, 576), (32, 576), (3, 40)])
+def test_residual_norm_and_silu_match_pytorch_in_fp32(kernels, n, size):
+    _check_norm_and_silu(kernels, n, size)
 
 
 def test_build_is_cached_per_source_flags_and_machine(tmp_path):

@@ -1,11 +1,18 @@
 """Native kernels of the decode step, compiled on first use with the machine's C compiler.
 
-:func:`decode_attention` runs a decode step's attention for one layer in one call
-(``decode.c``): RoPE on the new token's query and key heads, its key and value written
-into the cache, and each query head attending over its key/value head's filled slots.
-In PyTorch the same is some ten operations a layer, each a pass over memory and a few
-microseconds of dispatch; at batch 32 the written-out kernel takes about half their time
-(docs/benchmarks.md).
+``decode.c`` holds the work a bf16 decode step (:meth:`alignkit.decode.FastDecoder.step`)
+does between its products, each a call per layer where PyTorch takes several operations,
+each a pass over memory and a few microseconds of dispatch:
+
+- :func:`decode_attention`: RoPE on the new token's query and key heads, its key and
+  value written into the cache, and each query head attending over its key/value head's
+  filled slots (some ten operations in PyTorch);
+- :func:`add_rms_norm`: the residual add and the RMSNorm after it, into the next
+  product's bf16 input (the composite ``rms_norm`` runs seven);
+- :func:`silu_mul`: silu(gate) x up (two, the first on a strided half).
+
+At batch 32 on the embedded model they take a decode step from ~48 to ~38 ms and a
+whole ``generate`` call 25% faster; at batch 1 35% (docs/benchmarks.md).
 
 The source is compiled once per machine and compiler (``-O3 -march=native -fopenmp``)
 into ``$XDG_CACHE_HOME/alignkit/native`` (default ``~/.cache``) and loaded with
@@ -32,14 +39,14 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("decode.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared")
 
-_POINTER, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_SIGNATURE = (
-    [_POINTER, _INT, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _POINTER]
-    + [_INT] * 6
-    + [_FLOAT, ctypes.c_int]
-)
+_POINTER, _INT, _FLOAT, _THREADS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "decode_attention": [_POINTER, _INT] + [_POINTER] * 6 + [_INT] * 6 + [_FLOAT, _THREADS],
+    "add_rms_norm": [_POINTER, _POINTER, _INT, _POINTER, _POINTER, _INT, _INT, _FLOAT, _THREADS],
+    "silu_mul": [_POINTER, _POINTER, _INT, _INT, _THREADS],
+}
 _OPENMP_RUNTIMES = re.compile(r"lib(gomp|iomp5|omp)[-.\w]*\.so")
 
 
@@ -110,8 +117,9 @@ def openmp_runtimes() -> set[str]:
 
 def load(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
-    library.decode_attention.argtypes = _SIGNATURE
-    library.decode_attention.restype = None
+    for name, signature in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = signature, None
     return library
 
 
@@ -168,3 +176,28 @@ def decode_attention(
         values.data_ptr(), keep.data_ptr(), out.data_ptr(), n, heads, kv_heads, head_dim,
         slot, capacity, scale, torch.get_num_threads(),
     )  # fmt: skip
+
+
+def add_rms_norm(
+    kernels: ctypes.CDLL,
+    hidden: torch.Tensor,  # (n, H) fp32, contiguous: updated in place
+    delta: torch.Tensor | None,  # (n, H) bf16, rows contiguous, or None
+    weight: torch.Tensor,  # (H,) fp32, contiguous
+    out: torch.Tensor,  # (n, H) bf16, contiguous
+    eps: float,
+) -> torch.Tensor:
+    """``hidden += delta``, then ``out`` = its RMSNorm times ``weight``, in fp32 rounded once."""
+    n, size = hidden.shape
+    kernels.add_rms_norm(
+        hidden.data_ptr(), None if delta is None else delta.data_ptr(),
+        0 if delta is None else delta.stride(0), weight.data_ptr(), out.data_ptr(), n, size,
+        eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def silu_mul(kernels: ctypes.CDLL, gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = silu(gate) x up for ``gate_up`` (n, 2 I) bf16 contiguous, gate first; (n, I)."""
+    n, inner = out.shape
+    kernels.silu_mul(gate_up.data_ptr(), out.data_ptr(), n, inner, torch.get_num_threads())
+    return out

@@ -30,9 +30,8 @@ static inline float from_bf16(uint16_t x) {
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch rounds */
     uint32_t bits;
     memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
+    uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return (bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : (uint16_t)rounded; /* NaN stays NaN */
 }
 
 /* exp(x) for x <= 0 in plain float operations the compiler vectorizes: x = n ln2 + r,
@@ -192,4 +191,52 @@ void decode_attention(const uint16_t *qkv, int64_t qkv_stride, const float *cos,
         free(acc);
         free(query);
     }
+}
+
+/* hidden += delta (when given), then out = RMSNorm(hidden) * weight rounded to bf16.
+ *
+ * hidden: (n, size) fp32, the residual stream, updated in place; delta: (n, size) bf16
+ * rows ``delta_stride`` apart, or NULL; weight: (size,) fp32; out: (n, size) bf16.
+ */
+void add_rms_norm(float *hidden, const uint16_t *delta, int64_t delta_stride,
+                  const float *weight, uint16_t *out, int64_t n, int64_t size, float eps,
+                  int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (n > 1)
+    for (int64_t row = 0; row < n; row++) {
+        float *h = hidden + row * size;
+        if (delta) {
+            const uint16_t *d = delta + row * delta_stride;
+#pragma omp simd
+            for (int64_t i = 0; i < size; i++) h[i] += from_bf16(d[i]);
+        }
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < size; i++) squares += h[i] * h[i];
+        float inverse = 1.0f / sqrtf(squares / (float)size + eps);
+        uint16_t *o = out + row * size;
+#pragma omp simd
+        for (int64_t i = 0; i < size; i++) o[i] = to_bf16(h[i] * inverse * weight[i]);
+    }
+}
+
+static void silu_mul_row(const uint16_t *restrict gate, const uint16_t *restrict up,
+                         uint16_t *restrict out, int64_t inner) {
+#pragma omp simd
+    for (int64_t i = 0; i < inner; i++) {
+        float g = from_bf16(gate[i]);
+        float e = exp_nonpositive(g < 0.0f ? g : -g); /* exp(-|g|) */
+        float sigmoid = g < 0.0f ? e / (1.0f + e) : 1.0f / (1.0f + e);
+        out[i] = to_bf16(g * sigmoid * from_bf16(up[i]));
+    }
+}
+
+/* out = silu(gate) * up, in fp32, rounded once to bf16.
+ *
+ * gate_up: (n, 2 inner) bf16, each row's gate then its up; out: (n, inner) bf16.
+ */
+void silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t n, int64_t inner, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (n > 1)
+    for (int64_t row = 0; row < n; row++)
+        silu_mul_row(gate_up + row * 2 * inner, gate_up + row * 2 * inner + inner,
+                     out + row * inner, inner);
 }
