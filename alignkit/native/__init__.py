@@ -14,13 +14,14 @@ each a pass over memory and a few microseconds of dispatch:
 At batch 32 on the embedded model they take a decode step from ~48 to ~38 ms and a
 whole ``generate`` call 25% faster; at batch 1 35% (docs/benchmarks.md).
 
-The source is compiled once per machine and compiler (``-O3 -march=native -fopenmp``)
-into ``$XDG_CACHE_HOME/alignkit/native`` (default ``~/.cache``) and loaded with
-:mod:`ctypes`. Its OpenMP loop must run on the OpenMP runtime torch loaded, or two
-thread pools would contend for the cores; the library is used only when exactly one
-runtime is in the process after loading it. Without a C compiler, with a build that
-fails, or with ``ALIGNKIT_NATIVE=0`` in the environment, :func:`library` is None and
-the decode step stays in PyTorch (a warning says why, once).
+The source is compiled once per machine and compiler (``FLAGS``: ``-O3 -march=native
+-fno-trapping-math -fopenmp``) into ``native/`` of alignkit's cache (``$ALIGNKIT_CACHE``,
+default ``~/.cache/alignkit``) and loaded with :mod:`ctypes`. Its OpenMP loops must run
+on the OpenMP runtime torch loaded, or two thread pools would contend for the cores; the
+library is used only when its parallel regions resolve to the same runtime as torch's.
+Without a C compiler, with a build that fails, or with ``ALIGNKIT_NATIVE=0`` in the
+environment, :func:`library` is None and the decode step stays in PyTorch (a warning
+says why, once).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -47,12 +47,12 @@ _SIGNATURES = {
     "add_rms_norm": [_POINTER, _POINTER, _INT, _POINTER, _POINTER, _INT, _INT, _FLOAT, _THREADS],
     "silu_mul": [_POINTER, _POINTER, _INT, _INT, _THREADS],
 }
-_OPENMP_RUNTIMES = re.compile(r"lib(gomp|iomp5|omp)[-.\w]*\.so")
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "alignkit" / "native"
+    from alignkit.models import cache_root
+
+    return cache_root() / "native"
 
 
 def _compiler() -> str | None:
@@ -102,17 +102,45 @@ def build(compiler: str, flags: tuple[str, ...] = FLAGS, directory: Path | None 
     return target
 
 
-def openmp_runtimes() -> set[str]:
-    """The OpenMP runtime libraries loaded in this process (Linux; empty elsewhere)."""
+class _SymbolInfo(ctypes.Structure):  # dladdr's Dl_info
+    _fields_ = [
+        ("file", ctypes.c_char_p),
+        ("base", ctypes.c_void_p),
+        ("name", ctypes.c_char_p),
+        ("address", ctypes.c_void_p),
+    ]
+
+
+def openmp_provider(library: ctypes.CDLL) -> str | None:
+    """The file whose ``GOMP_parallel`` ``library``'s parallel regions call (None: unknown).
+
+    The dynamic linker resolves it by soname among the libraries already loaded, so a
+    library built with ``-fopenmp`` after torch runs on torch's runtime; other copies in
+    the process (scikit-learn ships its own) do not matter.
+    """
     try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return set()
-    return {
-        line.split()[-1]
-        for line in maps.splitlines()
-        if _OPENMP_RUNTIMES.search(os.path.basename(line.split()[-1]))
-    }
+        address = ctypes.cast(library.GOMP_parallel, ctypes.c_void_p).value
+        dl = ctypes.CDLL(None)
+        if not hasattr(dl, "dladdr"):  # glibc before 2.34 kept it in libdl
+            dl = ctypes.CDLL("libdl.so.2")
+    except (AttributeError, OSError):
+        return None
+    info = _SymbolInfo()
+    if not dl.dladdr(ctypes.c_void_p(address), ctypes.byref(info)) or not info.file:
+        return None
+    return os.path.realpath(info.file.decode())
+
+
+def torch_openmp_provider() -> str | None:
+    """The file whose ``GOMP_parallel`` torch's own parallel regions call (None: unknown)."""
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = Path(torch.__file__).parent / "lib" / name
+        if path.exists():
+            try:
+                return openmp_provider(ctypes.CDLL(str(path)))
+            except OSError:
+                return None
+    return None
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -137,9 +165,9 @@ def library() -> ctypes.CDLL | None:
         detail = getattr(error, "stderr", "") or str(error)
         return _unavailable(f"compiling {SOURCE.name} failed: {detail.strip()[:300]}")
     loaded = load(path)
-    runtimes = openmp_runtimes()
-    if len(runtimes) != 1:
-        return _unavailable(f"expected torch's one OpenMP runtime, found {sorted(runtimes)}")
+    ours, torchs = openmp_provider(loaded), torch_openmp_provider()
+    if ours is None or ours != torchs:
+        return _unavailable(f"its OpenMP runtime {ours} is not torch's ({torchs})")
     return loaded
 
 
