@@ -108,42 +108,75 @@ static void dots(const uint16_t *q, const uint16_t *k, const uint8_t *keep, floa
     }
 }
 
-/* Each scores row j becomes softmax(scale * scores_j) over the kept slots (0 elsewhere). */
-static void softmax(float *scores, const uint8_t *keep, int64_t group, int64_t width,
-                    float scale) {
+/* Each scores row j becomes exp(scale * (scores_j - max)) over the kept slots (0
+ * elsewhere): softmax's numerators; their sum's inverse goes to inverse[j]. */
+static void softmax(float *scores, const uint8_t *keep, float *inverse, int64_t group,
+                    int64_t width, float scale) {
     for (int64_t j = 0; j < group; j++) {
         float *row = scores + j * width;
         float top = -INFINITY, total = 0.0f;
-        for (int64_t w = 0; w < width; w++)
-            if (keep[w] && row[w] > top) top = row[w];
+#pragma omp simd reduction(max : top)
+        for (int64_t w = 0; w < width; w++) {
+            float value = keep[w] ? row[w] : -INFINITY;
+            top = value > top ? value : top;
+        }
 #pragma omp simd reduction(+ : total)
         for (int64_t w = 0; w < width; w++) {
             float e = keep[w] ? exp_nonpositive((row[w] - top) * scale) : 0.0f;
             row[w] = e;
             total += e;
         }
-        float inverse = 1.0f / total;
-        for (int64_t w = 0; w < width; w++) row[w] *= inverse;
+        inverse[j] = 1.0f / total;
     }
 }
 
-/* out_j = sum_w p_j[w] v_w in fp32, rounded to bf16; ``next``'s rows prefetched */
-static void mix(const float *probs, const uint16_t *v, const uint8_t *keep, float *acc,
-                uint16_t *out, int64_t group, int64_t head_dim, int64_t width,
-                const uint16_t *next) {
+/* out_j = inverse[j] sum_w e_j[w] v_w in fp32, rounded to bf16; ``next``'s rows prefetched */
+static void mix(const float *weights, const float *inverse, const uint16_t *v,
+                const uint8_t *keep, float *acc, uint16_t *out, int64_t group,
+                int64_t head_dim, int64_t width, const uint16_t *next) {
+#ifdef DOT_BF16
+    if (head_dim == 64 && group <= 4) { /* the sums stay in 16 registers */
+        __m512 sums[4][4];
+        for (int64_t j = 0; j < 4; j++)
+            for (int64_t part = 0; part < 4; part++) sums[j][part] = _mm512_setzero_ps();
+        for (int64_t w = 0; w < width; w++) {
+            if (next) prefetch(next + w * 64, 64);
+            if (!keep[w]) continue;
+            __m512 row[4];
+            for (int64_t part = 0; part < 4; part++) {
+                __m256i bits = _mm256_loadu_si256((const __m256i *)(v + w * 64 + part * 16));
+                row[part] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+            }
+            for (int64_t j = 0; j < 4; j++) {
+                if (j >= group) break;
+                __m512 weight = _mm512_set1_ps(weights[j * width + w]);
+                for (int64_t part = 0; part < 4; part++)
+                    sums[j][part] = _mm512_fmadd_ps(weight, row[part], sums[j][part]);
+            }
+        }
+        for (int64_t j = 0; j < group; j++)
+            for (int64_t part = 0; part < 4; part++)
+                _mm512_storeu_ps(acc + j * 64 + part * 16,
+                                 _mm512_mul_ps(sums[j][part], _mm512_set1_ps(inverse[j])));
+        for (int64_t i = 0; i < group * 64; i++) out[i] = to_bf16(acc[i]);
+        return;
+    }
+#endif
     memset(acc, 0, sizeof(float) * group * head_dim);
     for (int64_t w = 0; w < width; w++) {
         if (next) prefetch(next + w * head_dim, head_dim);
         if (!keep[w]) continue;
         const uint16_t *vw = v + w * head_dim;
         for (int64_t j = 0; j < group; j++) {
-            float p = probs[j * width + w];
+            float weight = weights[j * width + w];
             float *aj = acc + j * head_dim;
 #pragma omp simd
-            for (int64_t d = 0; d < head_dim; d++) aj[d] += p * from_bf16(vw[d]);
+            for (int64_t d = 0; d < head_dim; d++) aj[d] += weight * from_bf16(vw[d]);
         }
     }
-    for (int64_t i = 0; i < group * head_dim; i++) out[i] = to_bf16(acc[i]);
+    for (int64_t j = 0; j < group; j++)
+        for (int64_t d = 0; d < head_dim; d++)
+            out[j * head_dim + d] = to_bf16(acc[j * head_dim + d] * inverse[j]);
 }
 
 /* One layer of a decode step, for n rows each feeding one token at cache slot ``slot``.
@@ -165,6 +198,7 @@ void decode_attention(const uint16_t *qkv, int64_t qkv_stride, const float *cos,
     {
         float *scores = malloc(sizeof(float) * group * width);
         float *acc = malloc(sizeof(float) * group * head_dim);
+        float *inverse = malloc(sizeof(float) * group);
         uint16_t *query = malloc(sizeof(uint16_t) * group * head_dim);
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {
@@ -183,12 +217,13 @@ void decode_attention(const uint16_t *qkv, int64_t qkv_stride, const float *cos,
              * while the values mix */
             int last = task + 1 == tasks;
             dots(query, k, kept, scores, group, head_dim, width, v);
-            softmax(scores, kept, group, width, scale);
-            mix(scores, v, kept, acc, out + (row * heads + head * group) * head_dim, group,
-                head_dim, width, last ? NULL : k + capacity * head_dim);
+            softmax(scores, kept, inverse, group, width, scale);
+            mix(scores, inverse, v, kept, acc, out + (row * heads + head * group) * head_dim,
+                group, head_dim, width, last ? NULL : k + capacity * head_dim);
         }
         free(scores);
         free(acc);
+        free(inverse);
         free(query);
     }
 }
