@@ -409,6 +409,9 @@ class FastDecoder:
         if past:  # and every query sees the prefix
             mask = torch.cat((mask.new_ones(batch, width, past), mask), dim=-1)
         mask = mask[:, None]  # (B, 1, P, past + P)
+        kernels = native.library() if self.layers[0].qkv.bf16 and self.native else None
+        if kernels is not None:
+            return self._native_prefill(kernels, hidden, cos, sin, mask, cache)
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             query, key, value = self._rotated(
                 layer.qkv(self._rms_norm(hidden, layer.input_norm)), cos, sin
@@ -420,6 +423,47 @@ class FastDecoder:
             hidden = hidden + layer.out(attended.transpose(1, 2).flatten(2))
             hidden = self._mlp(layer, hidden)
         return self._logits(hidden[:, -1])
+
+    def _native_prefill(
+        self,
+        kernels,
+        hidden: torch.Tensor,  # (B, P, H) fp32, the embedded prompts
+        cos: torch.Tensor,  # (B, P, 1, D)
+        sin: torch.Tensor,
+        mask: torch.Tensor,  # (B, 1, P, past + P)
+        cache: Cache,
+    ) -> torch.Tensor:
+        """:meth:`prefill` with its residual adds, norms and silu(gate) x up in native calls.
+
+        (:func:`alignkit.native.add_rms_norm`, :func:`alignkit.native.silu_mul`; attention
+        stays SDPA's.) The products' inputs are rounded to bf16 once, as the PyTorch
+        prefill rounds them, and silu(gate) x up once where it rounds twice.
+        """
+        batch, width, size = hidden.shape
+        flat = hidden.view(batch * width, size)
+        normed = flat.new_empty(flat.shape, dtype=torch.bfloat16)
+        activated = None
+        norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
+        native.add_rms_norm(
+            kernels, flat, None, self.layers[0].input_norm.float(), normed, self.eps
+        )
+        for layer, kv, next_norm in zip(self.layers, cache.layers, norms, strict=True):
+            qkv = layer.qkv.flat(normed).view(batch, width, -1)
+            query, key, value = self._rotated(qkv, cos, sin)  # (B, P, heads or kv_heads, D)
+            keys, values = kv.update(key.transpose(1, 2), value.transpose(1, 2))
+            attended = F.scaled_dot_product_attention(
+                query.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=True
+            )  # (B, heads, P, D)
+            out = layer.out.flat(attended.transpose(1, 2).reshape(batch * width, -1))
+            native.add_rms_norm(kernels, flat, out, layer.post_norm.float(), normed, self.eps)
+            gate_up = layer.gate_up.flat(normed)
+            if activated is None:
+                activated = gate_up.new_empty((batch * width, gate_up.shape[1] // 2))
+            native.silu_mul(kernels, gate_up, activated)
+            down = layer.down.flat(activated)
+            native.add_rms_norm(kernels, flat, down, next_norm.float(), normed, self.eps)
+        last = normed.view(batch, width, size)[:, -1].contiguous()
+        return self.lm_head.flat(last).float()
 
     def step(
         self,

@@ -117,8 +117,13 @@ def test_fast_step_is_within_bf16_tolerance_of_autocast(
     assert torch.equal(fast.argmax(-1), plain.argmax(-1))
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_fast_prefill_gives_the_hf_logits_and_cache(tiny_model, bf16):
+# bf16 with native: the residual adds, norms and silu x up in native calls
+@pytest.mark.parametrize(("bf16", "native_kernels"), [(False, False), (True, False), (True, True)])
+def test_fast_prefill_gives_the_hf_logits_and_cache(tiny_model, monkeypatch, bf16, native_kernels):
+    monkeypatch.setattr(FastDecoder, "native", native_kernels)
+    calls = []
+    norm = native.add_rms_norm
+    monkeypatch.setattr(native, "add_rms_norm", lambda *a: calls.append(1) or norm(*a))
     model = load_policy(tiny_model).eval()
     input_ids = torch.randint(5, 3000, (3, 12), generator=torch.Generator().manual_seed(8))
     mask = torch.ones_like(input_ids)
@@ -129,6 +134,8 @@ def test_fast_prefill_gives_the_hf_logits_and_cache(tiny_model, bf16):
         plain_cache, fast_cache = _new_cache(model, 12), _new_cache(model, 12)
         plain = _prefill_logits(model, input_ids, mask, plain_cache)
         fast = decoder.prefill(input_ids, mask, fast_cache)
+    # one norm before the layers, then two a layer
+    assert len(calls) == (1 + 2 * model.config.num_hidden_layers if native_kernels else 0)
     tolerance = 2e-2 * plain.abs().max() if bf16 else 1e-5
     assert (fast - plain).abs().max() <= tolerance
     real = mask.bool()[:, None, :, None]  # (B, 1, P, 1): pad slots are never read
