@@ -30,6 +30,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -64,7 +65,7 @@ def _machine() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return os.uname().machine
+        return f"{platform.machine()} {platform.processor()}"
     wanted = ("model name", "flags", "Features", "CPU part")
     return "\n".join(sorted({line for line in text.splitlines() if line.startswith(wanted)}))
 
