@@ -225,7 +225,7 @@ def _supported(model: nn.Module, capacity: int) -> bool:
 class FastDecoder:
     """The model's prefill and decode step, from weights fused (and packed) once."""
 
-    # a bf16 decode step attends through the native kernel where it builds (alignkit.native)
+    # under bf16, the work between the products through alignkit.native where it builds
     native = True
 
     def __init__(
@@ -443,25 +443,20 @@ class FastDecoder:
         flat = hidden.view(batch * width, size)
         normed = flat.new_empty(flat.shape, dtype=torch.bfloat16)
         activated = None
-        norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
         native.add_rms_norm(
             kernels, flat, None, self.layers[0].input_norm.float(), normed, self.eps
         )
-        for layer, kv, next_norm in zip(self.layers, cache.layers, norms, strict=True):
+        for layer, kv, next_norm in zip(self.layers, cache.layers, self._next_norms(), strict=True):
             qkv = layer.qkv.flat(normed).view(batch, width, -1)
             query, key, value = self._rotated(qkv, cos, sin)  # (B, P, heads or kv_heads, D)
             keys, values = kv.update(key.transpose(1, 2), value.transpose(1, 2))
             attended = F.scaled_dot_product_attention(
                 query.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=True
             )  # (B, heads, P, D)
-            out = layer.out.flat(attended.transpose(1, 2).reshape(batch * width, -1))
-            native.add_rms_norm(kernels, flat, out, layer.post_norm.float(), normed, self.eps)
-            gate_up = layer.gate_up.flat(normed)
-            if activated is None:
-                activated = gate_up.new_empty((batch * width, gate_up.shape[1] // 2))
-            native.silu_mul(kernels, gate_up, activated)
-            down = layer.down.flat(activated)
-            native.add_rms_norm(kernels, flat, down, next_norm.float(), normed, self.eps)
+            attended = attended.transpose(1, 2).reshape(batch * width, -1)
+            activated = self._native_layer_end(
+                kernels, layer, flat, attended, next_norm, normed, activated
+            )
         last = normed.view(batch, width, size)[:, -1].contiguous()
         return self.lm_head.flat(last).float()
 
@@ -600,10 +595,11 @@ class FastDecoder:
         attended = hidden.new_empty((n, self.heads * self.head_dim), dtype=dtype)
         normed = hidden.new_empty(hidden.shape, dtype=dtype)
         activated = None
-        scale, eps = self.head_dim**-0.5, self.eps
-        norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
-        native.add_rms_norm(kernels, hidden, None, self.layers[0].input_norm.float(), normed, eps)
-        for layer, kv, next_norm in zip(self.layers, cache.layers, norms, strict=True):
+        scale = self.head_dim**-0.5
+        native.add_rms_norm(
+            kernels, hidden, None, self.layers[0].input_norm.float(), normed, self.eps
+        )
+        for layer, kv, next_norm in zip(self.layers, cache.layers, self._next_norms(), strict=True):
             kv.reserve(slot + 1)
             qkv = layer.qkv.flat(normed)
             native.decode_attention(
@@ -611,15 +607,35 @@ class FastDecoder:
                 self.heads, slot, scale,
             )  # fmt: skip
             kv.appended()
-            out = layer.out.flat(attended)
-            native.add_rms_norm(kernels, hidden, out, layer.post_norm.float(), normed, eps)
-            gate_up = layer.gate_up.flat(normed)
-            if activated is None:
-                activated = gate_up.new_empty((n, gate_up.shape[1] // 2))
-            native.silu_mul(kernels, gate_up, activated)
-            down = layer.down.flat(activated)
-            native.add_rms_norm(kernels, hidden, down, next_norm.float(), normed, eps)
+            activated = self._native_layer_end(
+                kernels, layer, hidden, attended, next_norm, normed, activated
+            )
         return self.lm_head.flat(normed).float()
+
+    def _next_norms(self) -> list[torch.Tensor]:
+        """The norm after each layer: the next one's input norm, after the last the final norm."""
+        return [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
+
+    def _native_layer_end(
+        self,
+        kernels,
+        layer: _Layer,
+        hidden: torch.Tensor,  # (rows, H) fp32, the residual stream: updated in place
+        attended: torch.Tensor,  # (rows, heads x D) bf16, the attention's output
+        next_norm: torch.Tensor,  # the next layer's input norm, or the final one
+        normed: torch.Tensor,  # (rows, H) bf16: the next product's input, written
+        activated: torch.Tensor | None,  # (rows, I) bf16 buffer for silu(gate) x up
+    ) -> torch.Tensor:
+        """A layer after its attention, the adds and norms in native calls; the MLP's buffer."""
+        out = layer.out.flat(attended)
+        native.add_rms_norm(kernels, hidden, out, layer.post_norm.float(), normed, self.eps)
+        gate_up = layer.gate_up.flat(normed)
+        if activated is None:
+            activated = gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+        native.silu_mul(kernels, gate_up, activated)
+        down = layer.down.flat(activated)
+        native.add_rms_norm(kernels, hidden, down, next_norm.float(), normed, self.eps)
+        return activated
 
     def _normed(self, hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor):
         """RMSNorm of the fp32 ``hidden`` (n, H), computed in fp32, written into ``out``."""

@@ -171,7 +171,7 @@ class _PreallocatedLayer(DynamicLayer):
         self._refresh_views()
 
     def appended(self) -> None:
-        """The next slot of every row was written in place (:func:`alignkit.native.decode_attention`)."""
+        """The next slot of every row was written in place (``alignkit.native.decode_attention``)."""
         self.length += 1
         self._refresh_views()
 

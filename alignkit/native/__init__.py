@@ -165,7 +165,10 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         return _unavailable(f"compiling {SOURCE.name} failed: {detail.strip()[:300]}")
-    loaded = load(path)
+    try:
+        loaded = load(path)
+    except OSError as error:
+        return _unavailable(f"loading {path} failed: {error}")
     ours, torchs = openmp_provider(loaded), torch_openmp_provider()
     if ours is None or ours != torchs:
         return _unavailable(f"its OpenMP runtime {ours} is not torch's ({torchs})")
