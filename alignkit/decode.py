@@ -29,7 +29,7 @@ and the model's own linears compute from them.
 Under bf16 each layer's RoPE, cache write and attention of a decode step run as one
 call of a small C kernel (:mod:`alignkit.native`, compiled on first use) where it
 builds, and so do the residual adds, norms and silu(gate) x up between the products:
-a generate call 25% faster at batch 32 and 35% at batch 1 here (docs/benchmarks.md).
+a generate call ~33% faster at batch 32 and ~32% at batch 1 here (docs/benchmarks.md).
 Elsewhere the step does them in PyTorch.
 
 Under bf16 the products' weights are held in one of two layouts at a time

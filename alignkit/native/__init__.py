@@ -11,8 +11,8 @@ each a pass over memory and a few microseconds of dispatch:
   product's bf16 input (the composite ``rms_norm`` runs seven);
 - :func:`silu_mul`: silu(gate) x up (two, the first on a strided half).
 
-At batch 32 on the embedded model they take a decode step from ~48 to ~38 ms and a
-whole ``generate`` call 25% faster; at batch 1 35% (docs/benchmarks.md).
+At batch 32 on the embedded model they take a decode step from ~48 to ~36 ms and a
+whole ``generate`` call ~33% faster, at batch 1 ~32% (docs/benchmarks.md).
 
 The source is compiled once per machine and compiler (``FLAGS``: ``-O3 -march=native
 -fno-trapping-math -fopenmp``) into ``native/`` of alignkit's cache (``$ALIGNKIT_CACHE``,
