@@ -167,8 +167,7 @@ class _PreallocatedLayer(DynamicLayer):
         self.reserve(self.length + 1)
         self.key_buffer.select(2, self.length).copy_(key_states)
         self.value_buffer.select(2, self.length).copy_(value_states)
-        self.length += 1
-        self._refresh_views()
+        self.appended()
 
     def appended(self) -> None:
         """The next slot of every row was written in place (``alignkit.native.decode_attention``)."""
